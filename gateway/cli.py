@@ -1,0 +1,114 @@
+"""Command line: ``seckill-gateway serve | sale ... | orders serve | relay | verify``."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from typing import Sequence
+
+import orjson
+import uvloop
+
+from .config import ConfigError, Settings, load_settings
+from .logs import setup_logging
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    return load_settings(getattr(args, "config", None))
+
+
+def _print(data: object) -> None:
+    sys.stdout.write(orjson.dumps(data, option=orjson.OPT_INDENT_2).decode() + "\n")
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .server import serve_gateway
+
+    settings = _settings(args)
+    if args.no_relay:
+        settings = settings.replace(relay=False)
+    serve_gateway(settings, args.host, args.port, args.workers)
+    return 0
+
+
+
+def cmd_sale(args: argparse.Namespace) -> int:
+    from .keys import valid_sku
+    from .models import Sale
+    from .state import Gateway
+
+    settings = _settings(args)
+    if not valid_sku(args.sku):
+        print("invalid SKU: 1-64 chars of [A-Za-z0-9_.:-]", file=sys.stderr)
+        return 2
+
+    async def run() -> int:
+        gw = Gateway.build(settings)
+        try:
+            if args.action == "create":
+                sale = Sale(args.sku, args.stock, args.price, args.per_user_limit,
+                            args.shards or settings.shards)
+                if not await gw.store.create_sale(sale):
+                    print(f"sale {args.sku} exists", file=sys.stderr)
+                    return 1
+                _print({"code": "CREATED", "sku": sale.sku, "stock": sale.stock,
+                        "shards": sale.shards})
+                return 0
+            if args.action == "delete":
+                sale = await gw.store.get_sale(args.sku)
+                if sale is None:
+                    print(f"no sale {args.sku}", file=sys.stderr)
+                    return 1
+                await gw.store.delete_sale(sale)
+                return 0
+            status = await gw.sale_status(args.sku)
+            if status is None:
+                print(f"no sale {args.sku}", file=sys.stderr)
+                return 1
+            _print(status)
+            return 0
+        finally:
+            await gw.close()
+
+    return uvloop.run(run())
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="seckill-gateway", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run the gateway")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8080)
+    serve.add_argument("--workers", type=int, default=1, help="processes sharing the port")
+    serve.add_argument("--config", help="TOML file with settings")
+    serve.add_argument("--no-relay", action="store_true", help="do not run the delivery relay")
+    serve.set_defaults(func=cmd_serve)
+
+    sale = sub.add_parser("sale", help="create, show or delete a sale")
+    sale_sub = sale.add_subparsers(dest="action", required=True)
+    create = sale_sub.add_parser("create")
+    create.add_argument("sku")
+    create.add_argument("--stock", type=int, required=True)
+    create.add_argument("--price", type=int, default=0, help="minor units")
+    create.add_argument("--per-user-limit", type=int, default=1)
+    create.add_argument("--shards", type=int, default=None, help="default: SECKILL_SHARDS")
+    for name in ("show", "delete"):
+        p = sale_sub.add_parser(name)
+        p.add_argument("sku")
+    for p in (create, *[sale_sub.choices[n] for n in ("show", "delete")]):
+        p.add_argument("--config")
+        p.set_defaults(func=cmd_sale)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    setup_logging()
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args) or 0
+    except ConfigError as exc:
+        print(f"configuration error: {exc}", file=sys.stderr)
+        return 2

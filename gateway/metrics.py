@@ -1,0 +1,41 @@
+"""Prometheus metrics, one registry per app (no module-level state)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST as CONTENT_TYPE  # noqa: F401  (re-exported)
+
+LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+
+
+@dataclass
+class Metrics:
+    registry: CollectorRegistry = field(default_factory=CollectorRegistry)
+
+    def __post_init__(self) -> None:
+        r = self.registry
+        self.requests = Counter("seckill_requests", "HTTP answers by route and code",
+                                ("route", "code"), registry=r)
+        self.latency = Histogram("seckill_request_seconds", "HTTP request latency by route",
+                                 ("route",), buckets=LATENCY_BUCKETS, registry=r)
+        self.redis_errors = Counter("seckill_redis_errors", "Redis failures seen by the gateway",
+                                    ("kind",), registry=r)
+        self.in_flight = Gauge("seckill_in_flight_requests", "requests being handled", registry=r)
+        self.shed = Counter("seckill_shed", "requests refused to protect the gateway", ("reason",),
+                            registry=r)
+        self.moves = Counter("seckill_unit_moves", "unit moves between shards", registry=r)
+        self.batch_size = Histogram("seckill_redis_batch_size", "script calls sent in one pipeline",
+                                    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), registry=r)
+        self.relay_delivered = Counter("seckill_relay_delivered", "purchases delivered upstream",
+                                       ("result",), registry=r)
+        self.relay_retries = Counter("seckill_relay_retries", "delivery attempts that will be retried",
+                                     registry=r)
+        self.relay_lag = Gauge("seckill_relay_lag", "purchases admitted but not yet delivered",
+                               registry=r)
+        self.units_remaining = Gauge("seckill_units_remaining", "units left per sale", ("sku",),
+                                     registry=r)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

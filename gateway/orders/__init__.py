@@ -1,0 +1,1 @@
+"""The bundled orders service: a reference seckill endpoint (SQL with UNIQUE constraints)."""

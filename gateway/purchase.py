@@ -1,0 +1,112 @@
+"""The purchase path: from a validated request to the outcome the client gets.
+
+handlers.seckill -> PurchaseService.buy -> Store.purchase -> lua/purchase.lua
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Awaitable, Callable
+
+from .codes import Purchase
+from .config import Settings
+from .errors import ApiError, bad_request, unavailable
+from .keys import shard_of
+from .models import PurchaseReply, Sale
+from .rebalance import Rebalancer, Refill
+from .sales import SaleCache
+from .store import Store
+from .tokens import TokenIssuer
+
+MAX_ATTEMPTS = 6
+
+STATUS_OF = {"OK": 200, "ALREADY_PURCHASED": 409, "SOLD_OUT": 410}
+MESSAGES = {
+    "ALREADY_PURCHASED": "you already hold the per-user limit for this sale",
+    "SOLD_OUT": "no units left in this sale",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    status: int
+    body: dict
+    headers: dict[str, str] | None = None
+
+
+def outcome_body(code: str, sku: str, user_id: int, order_no: str, units: tuple[int, ...]) -> dict:
+    """The body of a recorded outcome; built the same way the first time and on every
+    replay of its key."""
+    if code == "OK":
+        return {"code": "OK", "order_no": order_no, "sku": sku, "user_id": user_id,
+                "units": list(units)}
+    body = {"code": code, "message": MESSAGES.get(code, "")}
+    if code == "ALREADY_PURCHASED":
+        body["order_no"] = order_no or None
+    return body
+
+
+@dataclass(slots=True)
+class PurchaseService:
+    settings: Settings
+    store: Store
+    sales: SaleCache
+    rebalancer: Rebalancer
+    token_issuer: Callable[[], Awaitable[TokenIssuer]]
+
+    async def buy(self, user_id: int, sku: str, key: str, quantity: int) -> Outcome:
+        sale = await self.sales.get(sku)
+        if sale is None:
+            raise ApiError(404, "SALE_NOT_FOUND", "no sale for this SKU")
+        if quantity > sale.per_user_limit:
+            raise bad_request(f"quantity must be between 1 and {sale.per_user_limit}")
+        if self.settings.key_mode == "token" and not (await self.token_issuer()).verify(key, user_id):
+            raise ApiError(403, "TOKEN_INVALID", "the key is not a token issued to you, or it expired")
+        return await self._admit(sale, user_id, key, quantity)
+
+    async def _admit(self, sale: Sale, user_id: int, key: str, quantity: int) -> Outcome:
+        final = self.sales.sold_out(sale.sku)
+        for _ in range(MAX_ATTEMPTS):
+            shard = shard_of(user_id, sale.shards)
+            reply = await self.store.purchase(sale, user_id, key, quantity, shard, final=final)
+            code = reply.code
+            if code is Purchase.NEED_UNITS:
+                refill = await self.rebalancer.refill(sale, shard, quantity)
+                if refill is Refill.SOLD_OUT:
+                    await self.store.set_sold_out(sale.sku, True)
+                    self.sales.mark_sold_out(sale.sku)
+                final = refill in (Refill.SOLD_OUT, Refill.INSUFFICIENT)
+                continue
+            if code is Purchase.SHARDS_MISMATCH or code is Purchase.SALE_NOT_FOUND:
+                # The sale was deleted (and maybe created again) since we cached it.
+                self.sales.forget(sale.sku)
+                fresh = await self.sales.get(sale.sku)
+                if fresh is None or code is Purchase.SALE_NOT_FOUND and fresh == sale:
+                    raise ApiError(404, "SALE_NOT_FOUND", "no sale for this SKU")
+                sale = fresh
+                continue
+            if code is Purchase.SOLD_OUT:
+                self.sales.mark_sold_out(sale.sku)
+            return self._render(sale, user_id, quantity, reply)
+        raise unavailable("the sale is busy moving units; retry with the same key")
+
+    def _render(self, sale: Sale, user_id: int, quantity: int, reply: PurchaseReply) -> Outcome:
+        code = reply.code
+        if code is Purchase.KEY_REUSED:
+            raise ApiError(422, "IDEMPOTENCY_KEY_REUSED",
+                           "this key was used before with a different SKU or quantity")
+        if code is Purchase.BAD_QUANTITY:
+            raise bad_request("quantity is over the per-user limit")
+        if code is Purchase.DUPLICATE:
+            body = outcome_body(reply.outcome_code, sale.sku, user_id, reply.order_no, reply.units)
+            if self.settings.duplicate_response == "replay":
+                return Outcome(reply.status, body, {"Idempotent-Replayed": "true"})
+            conflict = {"code": "IDEMPOTENT_CONFLICT",
+                        "message": "this key was used before; the original outcome is attached",
+                        "original": {"status": reply.status, "body": body}}
+            if reply.order_status:
+                conflict["order_status"] = reply.order_status
+            return Outcome(409, conflict)
+        name = {Purchase.OK: "OK", Purchase.ALREADY_PURCHASED: "ALREADY_PURCHASED",
+                Purchase.SOLD_OUT: "SOLD_OUT"}[code]
+        return Outcome(STATUS_OF[name], outcome_body(name, sale.sku, user_id, reply.order_no, reply.units))

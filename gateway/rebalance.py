@@ -1,0 +1,131 @@
+"""Moving units between shards, so that no buyer hears "sold out" while units are left.
+
+A purchase only takes units from its own shard (one slot, one atomic script). When
+that shard runs short, units move to it from the shard holding the most:
+
+1. ``transfer_out.lua`` on the donor takes a unit range and writes a transfer record;
+2. ``transfer_in.lua`` on the receiver adds the range, keyed by the transfer id, so a
+   repeat adds nothing;
+3. the donor's transfer record is deleted.
+
+At every moment each unit is in a shard, sold, or in a transfer record whose id the
+receiver has not applied. A crash between the steps leaves a record; ``sweep``
+finishes it (steps 2 and 3 are safe to run any number of times, by anyone).
+
+A sale is sold out only when two successive reads of every shard (remaining units,
+change counter, transfer records) are equal, all empty and with no transfer pending:
+the double collect gives a consistent snapshot without stopping the sale.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import time
+import uuid
+from dataclasses import dataclass, field
+
+from .models import Sale, ShardState, Transfer
+from .store import Store
+
+
+class Refill(enum.Enum):
+    MOVED = "moved"          # units moved into the receiver (or a pending transfer finished)
+    RETRY = "retry"          # things changed under us; try the purchase again
+    SOLD_OUT = "sold_out"    # the whole sale has no units left
+    INSUFFICIENT = "insufficient"  # units are left, but fewer than this purchase needs
+
+
+@dataclass(slots=True)
+class Rebalancer:
+    store: Store
+    max_rounds: int = 4
+    _in_flight: dict[tuple[str, int], asyncio.Future] = field(default_factory=dict)
+    moves: int = 0
+
+    async def refill(self, sale: Sale, receiver: int, need: int) -> Refill:
+        """Bring at least ``need`` units into ``receiver``. Concurrent callers for one
+        shard share one refill, so a crowd on an empty shard triggers one move."""
+        key = (sale.sku, receiver)
+        running = self._in_flight.get(key)
+        if running is not None:
+            await asyncio.shield(running)
+            return Refill.RETRY
+        future: asyncio.Future = asyncio.get_running_loop().create_future()
+        self._in_flight[key] = future
+        try:
+            result = await self._refill(sale, receiver, need)
+            future.set_result(result)
+            return result
+        except BaseException as exc:
+            future.set_exception(exc)
+            future.exception()  # retrieved: waiters only need to know it ended
+            raise
+        finally:
+            del self._in_flight[key]
+
+    async def _refill(self, sale: Sale, receiver: int, need: int) -> Refill:
+        moved = 0
+        for _ in range(self.max_rounds):
+            states = await self.store.shard_states(sale)
+            missing = need - states[receiver].remaining
+            if missing <= 0:
+                return Refill.MOVED
+            donors = sorted((s for s in states if s.shard != receiver and s.remaining > 0),
+                            key=lambda s: s.remaining, reverse=True)
+            if not donors:
+                pending = [t for s in states for t in transfers_of(s)]
+                if pending:
+                    await self.finish(sale, pending)
+                    return Refill.MOVED
+                if await self._same_twice(sale, states):
+                    return Refill.SOLD_OUT if states[receiver].remaining == 0 else Refill.INSUFFICIENT
+                continue
+            for donor in donors:
+                # Take half of the donor's units, at least what is missing: one move
+                # serves the next buyers of this shard too.
+                moved += await self.move(sale, donor.shard, receiver, max(missing, donor.remaining // 2))
+                if moved >= missing:
+                    return Refill.MOVED
+        return Refill.MOVED if moved else Refill.RETRY
+
+    async def move(self, sale: Sale, donor: int, receiver: int, want: int) -> int:
+        """One whole move; returns how many units arrived at the receiver."""
+        transfer_id = uuid.uuid4().hex
+        out = await self.store.transfer_out(sale, donor, receiver, want, transfer_id)
+        if out is None or out[0] == 0:
+            return 0
+        count, ranges = out
+        transfer = Transfer(transfer_id, donor, receiver, ranges, count, 0)
+        await self.store.transfer_in(sale, transfer)
+        await self.store.transfer_done(sale, transfer)
+        self.moves += 1
+        return count
+
+    async def finish(self, sale: Sale, transfers: list[Transfer]) -> None:
+        """Complete transfers left half-done (steps 2 and 3 again; both idempotent)."""
+        for transfer in transfers:
+            await self.store.transfer_in(sale, transfer)
+            await self.store.transfer_done(sale, transfer)
+
+    async def sweep(self, sale: Sale, older_than_ms: int = 0, now_ms: int | None = None) -> int:
+        """Finish every transfer record older than ``older_than_ms``; returns how many."""
+        now_ms = now_ms if now_ms is not None else int(time.time() * 1000)
+        states = await self.store.shard_states(sale)
+        stale = [t for s in states for t in transfers_of(s) if now_ms - t.started_ms >= older_than_ms]
+        await self.finish(sale, stale)
+        return len(stale)
+
+    async def _same_twice(self, sale: Sale, first: list[ShardState]) -> bool:
+        """True when a second read of every shard equals the first (remaining units
+        and change counters) with no transfer pending in either: nothing moved in
+        between, so the first read was a true snapshot of the sale."""
+        if any(s.transfers_out for s in first):
+            return False
+        second = await self.store.shard_states(sale)
+        return all(a.remaining == b.remaining and a.version == b.version and not b.transfers_out
+                   for a, b in zip(first, second))
+
+
+def transfers_of(state: ShardState) -> list[Transfer]:
+    return [Transfer.parse(tid, state.shard, record) for tid, record in state.transfers_out.items()]

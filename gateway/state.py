@@ -1,0 +1,99 @@
+"""The gateway's state: everything a request needs, owned by the app (no globals)."""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+from dataclasses import dataclass, field
+
+from aiohttp import web
+
+from .auth import Authenticator
+from .config import Settings
+from .keys import KeySpace
+from .metrics import Metrics
+from .purchase import PurchaseService
+from .rebalance import Rebalancer, transfers_of
+from .redis_conn import REDIS_FAILURES, RedisClient, connect
+from .sales import SaleCache
+from .store import Store
+from .tokens import TokenIssuer
+
+
+@dataclass(slots=True)
+class Gateway:
+    settings: Settings
+    store: Store
+    sales: SaleCache
+    rebalancer: Rebalancer
+    purchases: PurchaseService
+    auth: Authenticator
+    metrics: Metrics
+    tasks: list[asyncio.Task] = field(default_factory=list)
+    in_flight: int = 0
+    _issuer: TokenIssuer | None = None
+
+    @classmethod
+    def build(cls, settings: Settings, client: RedisClient | None = None) -> "Gateway":
+        store = Store(client or connect(settings), KeySpace(settings.key_prefix),
+                      outcome_ttl=settings.idempotency_ttl)
+        sales = SaleCache(store)
+        rebalancer = Rebalancer(store)
+        auth = Authenticator(settings.auth, settings.jwt_secret, settings.admin_token)
+        gw = cls(settings, store, sales, rebalancer, None, auth, Metrics())  # type: ignore[arg-type]
+        gw.purchases = PurchaseService(settings, store, sales, rebalancer, gw.token_issuer)
+        return gw
+
+    async def token_issuer(self) -> TokenIssuer:
+        """Tokens are signed with SECKILL_TOKEN_SECRET, or else with a secret kept in
+        Redis so that every worker and every restart agrees on it."""
+        if self._issuer is None:
+            secret = self.settings.token_secret or await self.store.token_secret(secrets.token_hex(32))
+            self._issuer = TokenIssuer(secret.encode(), self.settings.idempotency_ttl)
+        return self._issuer
+
+    async def sale_status(self, sku: str) -> dict | None:
+        sale = await self.store.get_sale(sku)
+        if sale is None:
+            return None
+        states = await self.store.shard_states(sale)
+        pending = [t for state in states for t in transfers_of(state)]
+        by_receiver: dict[int, list[str]] = {}
+        for transfer in pending:
+            by_receiver.setdefault(transfer.receiver, []).append(transfer.transfer_id)
+        applied = await self.store.applied_transfers(sale, by_receiver)
+        in_transfer = sum(t.count for t in pending if t.transfer_id not in applied)
+        remaining = sum(s.remaining for s in states)
+        sold = sum(s.sold for s in states)
+        self.metrics.units_remaining.labels(sku).set(remaining)
+        return {
+            "sku": sku, "stock": sale.stock, "sold": sold, "remaining": remaining,
+            "in_transfer": in_transfer, "price": sale.price, "per_user_limit": sale.per_user_limit,
+            "sold_out": remaining == 0 and in_transfer == 0,
+            "shards": [{"shard": s.shard, "remaining": s.remaining, "sold": s.sold,
+                        "transfers_out": len(s.transfers_out)} for s in states],
+        }
+
+    def start_background(self) -> None:
+        self.tasks.append(asyncio.create_task(self._sweep_forever(), name="transfer-sweep"))
+
+    async def _sweep_forever(self, every: float = 2.0, older_than_ms: int = 5000) -> None:
+        """Finish unit moves that a crashed process left half-done."""
+        while True:
+            await asyncio.sleep(every)
+            try:
+                for sku in await self.store.list_sales():
+                    sale = await self.store.get_sale(sku)
+                    if sale is not None:
+                        await self.rebalancer.sweep(sale, older_than_ms)
+            except REDIS_FAILURES:
+                continue
+
+    async def close(self) -> None:
+        for task in self.tasks:
+            task.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+        await self.store.close()
+
+
+GATEWAY = web.AppKey("gateway", Gateway)
