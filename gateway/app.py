@@ -10,7 +10,7 @@ from typing import Awaitable, Callable
 from aiohttp import web
 
 from .config import Settings
-from .errors import HTTP_CODES, ApiError, json_response, unavailable
+from .errors import HTTP_CODES, RESPONSE_CODE, ApiError, json_response, unavailable
 from .handlers import add_routes
 from .redis_conn import REDIS_FAILURES, RedisClient
 from .state import GATEWAY, Gateway
@@ -64,7 +64,7 @@ async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
 
 
 def _code_of(response: web.StreamResponse) -> str:
-    return response.get("code") or str(response.status)
+    return response.get(RESPONSE_CODE) or str(response.status)
 
 
 def create_app(settings: Settings, client: RedisClient | None = None) -> web.Application:

@@ -21,10 +21,13 @@ class ApiError(Exception):
                              self.headers)
 
 
+RESPONSE_CODE = web.ResponseKey("code", str)
+
+
 def json_response(status: int, body: dict, headers: dict[str, str] | None = None) -> web.Response:
     response = web.Response(status=status, body=orjson.dumps(body), content_type="application/json",
                             headers=headers)
-    response["code"] = body.get("code", "")  # for the metrics middleware
+    response[RESPONSE_CODE] = body.get("code", "")  # for the metrics middleware
     return response
 
 

@@ -18,7 +18,7 @@ from .sales import SaleCache
 from .store import Store
 from .tokens import TokenIssuer
 
-MAX_ATTEMPTS = 6
+MAX_ATTEMPTS = 16
 
 STATUS_OF = {"OK": 200, "ALREADY_PURCHASED": 409, "SOLD_OUT": 410}
 MESSAGES = {

@@ -49,8 +49,7 @@ class Rebalancer:
         key = (sale.sku, receiver)
         running = self._in_flight.get(key)
         if running is not None:
-            await asyncio.shield(running)
-            return Refill.RETRY
+            return await asyncio.shield(running)
         future: asyncio.Future = asyncio.get_running_loop().create_future()
         self._in_flight[key] = future
         try:
