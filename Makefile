@@ -1,0 +1,47 @@
+# Two commands on a fresh machine:
+#   make run    set up, then run Redis (a private local server), the gateway, its relay and
+#               the bundled orders service; Ctrl-C stops them all
+#   make test   set up, then run the test suite (private standalone Redis and Redis Cluster)
+
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+PORT   ?= 8080
+
+.PHONY: setup run run-cluster test test-fast loadtest bench bench-skew cluster clean
+
+$(BIN)/seckill-gateway: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[test,load]'
+	@touch $@
+
+setup: $(BIN)/seckill-gateway
+	@scripts/ensure-redis.sh
+
+run: setup
+	$(BIN)/python -m gateway.devstack --port $(PORT)
+
+run-cluster: setup
+	$(BIN)/python -m gateway.devstack --cluster --port $(PORT)
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+test-fast: setup
+	SECKILL_SKIP_CLUSTER=1 $(BIN)/python -m pytest -q -m "not slow"
+
+loadtest: setup
+	$(BIN)/python -m loadtest.run
+
+bench: setup
+	$(BIN)/python -m loadtest.bench
+
+bench-skew: setup
+	$(BIN)/python -m loadtest.bench_skew
+
+cluster: setup
+	$(BIN)/python -m gateway.devcluster
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis orders.db*

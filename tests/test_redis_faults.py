@@ -1,0 +1,81 @@
+"""Redis going away or forgetting its scripts: the gateway fails closed (503, nothing
+admitted) and recovers by itself."""
+
+from __future__ import annotations
+
+import asyncio
+
+from .conftest import Api, serve
+
+
+async def _flush_scripts(api: Api) -> None:
+    client = api.gateway.store.client
+    if hasattr(client, "get_primaries"):
+        for node in client.get_nodes():  # replicas too: one may be promoted later
+            await client.execute_command("SCRIPT", "FLUSH", target_nodes=node)
+    else:
+        await client.script_flush()
+
+
+async def test_script_flush_mid_test(api: Api, sku: str):
+    await api.create_sale(sku, 10)
+    assert (await api.buy_with_token(sku, 1))[0] == 200
+    await _flush_scripts(api)
+    status, body, _ = await api.buy_with_token(sku, 2)
+    assert status == 200, body
+    token = await api.token(3)
+    await _flush_scripts(api)
+    assert (await api.buy(sku, 3, token))[0] == 200
+    assert (await api.buy(sku, 3, token))[0] == 409
+    assert (await api.sale(sku))["sold"] == 3
+
+
+async def test_redis_down_gives_503_and_admits_nothing(backend, sku: str):
+    settings = backend.settings(redis_timeout=0.3)
+    async with serve(settings) as api:
+        await api.create_sale(sku, 10)
+        tokens = [await api.token(user) for user in range(1, 21)]
+        down, back = _outage(backend)
+        await down()
+        try:
+            results = await asyncio.gather(*(api.buy(sku, u, t) for u, t in enumerate(tokens, 1)))
+            for status, body, headers in results:
+                assert (status, body["code"]) == (503, "UNAVAILABLE"), body
+                assert int(headers["Retry-After"]) >= 1
+            resp = await api.client.get("/healthz")
+            assert resp.status == 503 and (await resp.json())["code"] == "UNAVAILABLE"
+            resp = await api.client.get("/api/token", headers={"X-User-Id": "1"})
+            assert resp.status == 200  # tokens need no Redis once the secret is known
+        finally:
+            await back()
+        if backend.mode == "standalone":
+            # The restarted server lost everything (it keeps nothing on disk): start over.
+            await api.create_sale(sku, 10)
+        for attempt in range(50):
+            status, body, _ = await api.buy(sku, 1, tokens[0])
+            if status != 503:
+                break
+            await asyncio.sleep(0.2)
+        assert status == 200, body
+        sale = await api.sale(sku)
+        assert sale["sold"] == 1  # nothing was admitted while Redis was away
+
+
+def _outage(backend):
+    """How to make this backend unreachable and bring it back."""
+    server = backend.server
+    loop = asyncio.get_running_loop()
+    if backend.mode == "standalone":
+        return (lambda: loop.run_in_executor(None, server.kill),
+                lambda: loop.run_in_executor(None, server.restart))
+
+    async def pause():
+        for node in server.nodes:
+            server.pause(node)
+
+    async def resume():
+        for node in server.nodes:
+            server.resume(node)
+        await loop.run_in_executor(None, server.wait_until_healthy, 30)
+
+    return pause, resume
