@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import argparse
 import atexit
-import os
+import contextlib
 import shutil
 import signal
 import socket
@@ -29,7 +29,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -37,7 +37,9 @@ from typing import Any
 
 import redis
 import redis.cluster
+from redis.backoff import NoBackoff
 from redis.crc import key_slot
+from redis.retry import Retry
 
 __all__ = ["ClusterNotReady", "LocalCluster", "LocalNode", "main"]
 
@@ -59,7 +61,7 @@ class LocalNode:
     ``node_id`` is the cluster node id; it survives :meth:`LocalCluster.restart`
     because the node keeps its directory and ``nodes.conf``. Roles are not
     stored here since they change on failover: ask the cluster
-    (:meth:`LocalCluster.primary_nodes`, :meth:`LocalCluster.role`).
+    (:meth:`LocalCluster.primary_nodes`, :meth:`LocalCluster.replicas_of`).
     """
 
     index: int
@@ -101,11 +103,15 @@ class LocalNode:
         return self.running and not self.paused
 
     def client(self, **kwargs: Any) -> redis.Redis:
-        """A plain (non-cluster) client for this node; the caller closes it."""
+        """A plain (non-cluster) client for this node; the caller closes it.
+
+        Defaults suit probing: decoded responses, 2 s timeouts, no retries.
+        """
         options: dict[str, Any] = {
             "decode_responses": True,
             "socket_timeout": 2.0,
             "socket_connect_timeout": 2.0,
+            "retry": Retry(NoBackoff(), 0),
         }
         options.update(kwargs)
         return redis.Redis(host=self.host, port=self.port, **options)
@@ -164,7 +170,7 @@ class LocalCluster:
                 self.nodes.append(node)
                 self._launch_on_free_port(node, server)
             self._create(cli)
-            self.wait_until_healthy(self.startup_timeout)
+            _wait_for(self._startup_problem, self.startup_timeout)
             for node in self.nodes:
                 with node.client() as client:
                     node.node_id = client.execute_command("CLUSTER", "MYID")
@@ -216,7 +222,8 @@ class LocalCluster:
     def startup_nodes(self) -> list[redis.cluster.ClusterNode]:
         """All nodes, ready for ``RedisCluster(startup_nodes=...)``."""
         return [
-            redis.cluster.ClusterNode(n.host, n.port) for n in self._started_nodes()
+            redis.cluster.ClusterNode(n.host, n.port)  # type: ignore[no-untyped-call]
+            for n in self._started_nodes()
         ]
 
     def cluster_client(self, **kwargs: Any) -> redis.cluster.RedisCluster:
@@ -230,18 +237,16 @@ class LocalCluster:
     def topology(self) -> dict[str, dict[str, Any]]:
         """``CLUSTER NODES`` as seen by the first answering node.
 
-        Maps node id to ``{"flags": set, "primary_id": str | None,
-        "slots": list[tuple[int, int]]}``; ``flags`` include ``master`` or
-        ``slave`` and failure markers such as ``fail``.
+        Maps node id to ``{"address": "host:port", "port": int, "flags": set,
+        "primary_id": str | None, "slots": list[tuple[int, int]]}``; ``flags``
+        include ``master`` or ``slave`` and failure markers such as ``fail``.
         """
         for node in self._started_nodes():
             if not node.alive:
                 continue
             try:
                 with node.client() as client:
-                    return _parse_cluster_nodes(
-                        client.execute_command("CLUSTER", "NODES")
-                    )
+                    return _parse_cluster_nodes(client.execute_command("CLUSTER", "NODES"))
             except redis.RedisError:
                 continue
         raise ClusterNotReady("no node answers CLUSTER NODES")
@@ -249,18 +254,12 @@ class LocalCluster:
     def primary_nodes(self) -> list[LocalNode]:
         """Nodes that currently own slots, in the order of :attr:`nodes`."""
         topology = self.topology()
-        return [
-            n for n in self.nodes if topology.get(n.node_id, {}).get("slots")
-        ]
+        return [n for n in self.nodes if topology.get(n.node_id, {}).get("slots")]
 
     def replica_nodes(self) -> list[LocalNode]:
         """Nodes currently flagged as replicas."""
         topology = self.topology()
-        return [
-            n
-            for n in self.nodes
-            if "slave" in topology.get(n.node_id, {}).get("flags", ())
-        ]
+        return [n for n in self.nodes if "slave" in topology.get(n.node_id, {}).get("flags", ())]
 
     def replicas_of(self, primary: LocalNode) -> list[LocalNode]:
         """Nodes currently replicating from ``primary``."""
@@ -330,16 +329,10 @@ class LocalCluster:
 
         Raises :class:`ClusterNotReady` with the last problem on timeout.
         """
-        deadline = time.monotonic() + (
-            self.startup_timeout if timeout is None else timeout
+        _wait_for(
+            self.health_problem,
+            self.startup_timeout if timeout is None else timeout,
         )
-        while True:
-            problem = self.health_problem()
-            if problem is None:
-                return
-            if time.monotonic() >= deadline:
-                raise ClusterNotReady(problem)
-            time.sleep(_POLL_INTERVAL)
 
     def health_problem(self) -> str | None:
         """Why the cluster is not healthy, or ``None`` if it is.
@@ -359,9 +352,7 @@ class LocalCluster:
             try:
                 with node.client() as client:
                     info = _parse_info_text(client.execute_command("CLUSTER", "INFO"))
-                    topology = _parse_cluster_nodes(
-                        client.execute_command("CLUSTER", "NODES")
-                    )
+                    topology = _parse_cluster_nodes(client.execute_command("CLUSTER", "NODES"))
                     replication = client.info("replication")
             except redis.RedisError as exc:
                 return f"{node.address}: {exc!r}"
@@ -403,14 +394,7 @@ class LocalCluster:
 
         Useful before killing a primary, so no acknowledged write is lost.
         """
-        deadline = time.monotonic() + timeout
-        while True:
-            lagging = self._lagging_replicas()
-            if not lagging:
-                return
-            if time.monotonic() >= deadline:
-                raise ClusterNotReady(f"replicas lagging: {', '.join(lagging)}")
-            time.sleep(_POLL_INTERVAL)
+        _wait_for(self._replication_problem, timeout)
 
     # ------------------------------------------------------------- internals
 
@@ -419,24 +403,43 @@ class LocalCluster:
             raise RuntimeError("cluster is not running; call start() first")
         return self.nodes
 
-    def _lagging_replicas(self) -> list[str]:
+    def _startup_problem(self) -> str | None:
+        """:meth:`health_problem`, plus the topology that was asked for."""
+        problem = self.health_problem()
+        if problem is not None:
+            return problem
+        topology = self.topology()
+        primaries = sum(1 for entry in topology.values() if entry["slots"])
+        replicas = sum(1 for entry in topology.values() if "slave" in entry["flags"])
+        if (primaries, replicas) != (
+            self.primaries,
+            self.primaries * self.replicas_per_primary,
+        ):
+            return f"{primaries} primaries and {replicas} replicas so far"
+        return None
+
+    def _replication_problem(self) -> str | None:
         offsets: dict[int, int] = {}
         replicas: list[tuple[LocalNode, int, int]] = []
         for node in self.nodes:
             if not node.alive:
                 continue
-            with node.client() as client:
-                info = client.info("replication")
+            try:
+                with node.client() as client:
+                    info = client.info("replication")
+            except redis.RedisError as exc:
+                return f"{node.address}: {exc!r}"
             offsets[node.port] = int(info.get("master_repl_offset", 0))
             if info.get("role") == "slave":
                 replicas.append(
                     (node, int(info["master_port"]), int(info.get("slave_repl_offset", -1)))
                 )
-        return [
+        lagging = [
             node.address
             for node, primary_port, offset in replicas
             if primary_port in offsets and offset < offsets[primary_port]
         ]
+        return f"replicas lagging: {', '.join(lagging)}" if lagging else None
 
     def _launch_on_free_port(self, node: LocalNode, server: str) -> None:
         """Pick a free port pair and start ``node``; retry on collisions."""
@@ -490,9 +493,7 @@ class LocalCluster:
         deadline = time.monotonic() + timeout
         while True:
             if not node.running:
-                raise ClusterNotReady(
-                    f"redis-server on {node.address} exited:\n{node.log_tail()}"
-                )
+                raise ClusterNotReady(f"redis-server on {node.address} exited:\n{node.log_tail()}")
             try:
                 with node.client(socket_timeout=0.5, socket_connect_timeout=0.5) as c:
                     # Make sure it is our process, not a stranger on the port.
@@ -538,12 +539,22 @@ def _which(program: str) -> str:
     return path
 
 
+def _wait_for(problem: Callable[[], str | None], timeout: float) -> None:
+    """Poll ``problem`` until it returns ``None``; raise ClusterNotReady."""
+    deadline = time.monotonic() + timeout
+    while True:
+        found = problem()
+        if found is None:
+            return
+        if time.monotonic() >= deadline:
+            raise ClusterNotReady(f"not ready after {timeout:g}s: {found}")
+        time.sleep(_POLL_INTERVAL)
+
+
 def _signal(node: LocalNode, signum: signal.Signals) -> None:
     if node.process is not None and node.running:
-        try:
+        with contextlib.suppress(ProcessLookupError):
             node.process.send_signal(signum)
-        except ProcessLookupError:
-            pass
 
 
 def _port_free(host: str, port: int) -> bool:
@@ -560,7 +571,7 @@ def _free_port_pair(host: str, taken: set[int]) -> int:
     for _ in range(100):
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
             sock.bind((host, 0))
-            port = sock.getsockname()[1]
+            port: int = sock.getsockname()[1]
         bus = port + _BUS_PORT_OFFSET
         if (
             bus <= _MAX_PORT
@@ -577,9 +588,7 @@ def _to_bytes(key: str | bytes) -> bytes:
 
 
 def _parse_info_text(text: str) -> dict[str, str]:
-    return dict(
-        line.split(":", 1) for line in text.splitlines() if ":" in line
-    )
+    return dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
 
 
 def _parse_cluster_nodes(text: str) -> dict[str, dict[str, Any]]:
@@ -633,6 +642,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     def terminate(signum: int, frame: object) -> None:
         raise KeyboardInterrupt
 
+    # Set both explicitly: a shell starts background jobs with SIGINT ignored.
+    signal.signal(signal.SIGINT, terminate)
     signal.signal(signal.SIGTERM, terminate)
     cluster = LocalCluster(
         primaries=args.primaries,
@@ -651,13 +662,23 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
             flush=True,
         )
-        while True:
-            time.sleep(3600)
+        reported: set[int] = set()
+        while any(node.running for node in cluster.nodes):
+            for node in cluster.nodes:
+                if not node.running and node.index not in reported:
+                    reported.add(node.index)
+                    print(
+                        f"{node.address} exited, see {node.log_path}",
+                        file=sys.stderr,
+                        flush=True,
+                    )
+            time.sleep(1.0)
+        print("all nodes exited", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
-        pass
+        return 0
     finally:
         cluster.stop()
-    return 0
 
 
 if __name__ == "__main__":
