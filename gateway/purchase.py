@@ -85,8 +85,10 @@ class PurchaseService:
                     raise ApiError(404, "SALE_NOT_FOUND", "no sale for this SKU")
                 sale = fresh
                 continue
-            if code is Purchase.SOLD_OUT:
-                self.sales.mark_sold_out(sale.sku)
+            # A SOLD_OUT reply does not renew the sold-out memory: only a refill's check
+            # of every shard does. It may answer a quantity the sale cannot fill while
+            # units are left (Refill.INSUFFICIENT), and renewed by every such reply the
+            # memory would outlive units given back by a compensation.
             return self._render(sale, user_id, quantity, reply)
         raise unavailable("the sale is busy moving units; retry with the same key")
 

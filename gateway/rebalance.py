@@ -24,6 +24,7 @@ import enum
 import time
 import uuid
 from dataclasses import dataclass, field
+from typing import Callable
 
 from .models import Sale, ShardState, Transfer
 from .store import Store
@@ -41,17 +42,24 @@ class Rebalancer:
     store: Store
     max_rounds: int = 4
     _in_flight: dict[tuple[str, int], asyncio.Future] = field(default_factory=dict)
+    # Units asked for by the callers of each running refill (the first and those who
+    # joined it): the demand on the receiving shard right now.
+    _demand: dict[tuple[str, int], int] = field(default_factory=dict)
     moves: int = 0
+    on_move: Callable[[], None] | None = None  # e.g. Metrics.moves.inc
 
     async def refill(self, sale: Sale, receiver: int, need: int) -> Refill:
         """Bring at least ``need`` units into ``receiver``. Concurrent callers for one
-        shard share one refill, so a crowd on an empty shard triggers one move."""
+        shard share one refill, so a crowd on an empty shard triggers one move; the
+        refill brings what the whole crowd needs (see ``_demand``)."""
         key = (sale.sku, receiver)
         running = self._in_flight.get(key)
         if running is not None:
+            self._demand[key] += need
             return await asyncio.shield(running)
         future: asyncio.Future = asyncio.get_running_loop().create_future()
         self._in_flight[key] = future
+        self._demand[key] = need
         try:
             result = await self._refill(sale, receiver, need)
             future.set_result(result)
@@ -62,13 +70,15 @@ class Rebalancer:
             raise
         finally:
             del self._in_flight[key]
+            del self._demand[key]
 
     async def _refill(self, sale: Sale, receiver: int, need: int) -> Refill:
-        moved = 0
+        key = (sale.sku, receiver)
+        moved_any = False
         for _ in range(self.max_rounds):
             states = await self.store.shard_states(sale)
-            missing = need - states[receiver].remaining
-            if missing <= 0:
+            have = states[receiver].remaining
+            if need <= have:
                 return Refill.MOVED
             donors = sorted((s for s in states if s.shard != receiver and s.remaining > 0),
                             key=lambda s: s.remaining, reverse=True)
@@ -78,15 +88,21 @@ class Rebalancer:
                     await self.finish(sale, pending)
                     return Refill.MOVED
                 if await self._same_twice(sale, states):
-                    return Refill.SOLD_OUT if states[receiver].remaining == 0 else Refill.INSUFFICIENT
+                    return Refill.SOLD_OUT if have == 0 else Refill.INSUFFICIENT
                 continue
+            # Bring what every caller waiting on this refill needs, not only the first:
+            # units for one buyer at a time would leave the rest of a crowd retrying
+            # (and running out of attempts) while units sit in other shards. And take
+            # at least half of a donor's units: one move serves the next buyers too.
+            short = max(self._demand.get(key, need), need) - have
+            moved = 0
             for donor in donors:
-                # Take half of the donor's units, at least what is missing: one move
-                # serves the next buyers of this shard too.
-                moved += await self.move(sale, donor.shard, receiver, max(missing, donor.remaining // 2))
-                if moved >= missing:
+                moved += await self.move(sale, donor.shard, receiver,
+                                         max(short - moved, donor.remaining // 2))
+                if moved >= short:
                     return Refill.MOVED
-        return Refill.MOVED if moved else Refill.RETRY
+            moved_any = moved_any or moved > 0
+        return Refill.MOVED if moved_any else Refill.RETRY
 
     async def move(self, sale: Sale, donor: int, receiver: int, want: int) -> int:
         """One whole move; returns how many units arrived at the receiver."""
@@ -99,6 +115,8 @@ class Rebalancer:
         await self.store.transfer_in(sale, transfer)
         await self.store.transfer_done(sale, transfer)
         self.moves += 1
+        if self.on_move is not None:
+            self.on_move()
         return count
 
     async def finish(self, sale: Sale, transfers: list[Transfer]) -> None:
