@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import socket
 import sys
 from typing import Sequence
 
@@ -31,6 +32,25 @@ def cmd_serve(args: argparse.Namespace) -> int:
     serve_gateway(settings, args.host, args.port, args.workers)
     return 0
 
+
+def cmd_orders_serve(args: argparse.Namespace) -> int:
+    from .orders.app import serve_orders
+
+    serve_orders(_settings(args).database_url, args.host, args.port)
+    return 0
+
+
+def cmd_relay(args: argparse.Namespace) -> int:
+    from .relay import RelayConfig, run_relay
+
+    settings = _settings(args)
+    if not settings.upstream_url:
+        print("the relay needs SECKILL_UPSTREAM_URL", file=sys.stderr)
+        return 2
+    config = RelayConfig(consumer=args.consumer, concurrency=args.concurrency,
+                         claim_idle_ms=int(args.claim_idle * 1000))
+    uvloop.run(run_relay(settings, config))
+    return 0
 
 
 def cmd_sale(args: argparse.Namespace) -> int:
@@ -100,6 +120,24 @@ def build_parser() -> argparse.ArgumentParser:
     for p in (create, *[sale_sub.choices[n] for n in ("show", "delete")]):
         p.add_argument("--config")
         p.set_defaults(func=cmd_sale)
+
+    orders = sub.add_parser("orders", help="the bundled orders service")
+    orders_sub = orders.add_subparsers(dest="action", required=True)
+    orders_serve = orders_sub.add_parser("serve", help="run the orders service (SECKILL_DATABASE_URL)")
+    orders_serve.add_argument("--host", default="127.0.0.1")
+    orders_serve.add_argument("--port", type=int, default=8081)
+    orders_serve.add_argument("--config", help="TOML file with settings")
+    orders_serve.set_defaults(func=cmd_orders_serve)
+
+    relay = sub.add_parser("relay", help="deliver admitted purchases to SECKILL_UPSTREAM_URL")
+    relay.add_argument("--consumer", default=socket.gethostname(),
+                       help="consumer name; a restart under the same name re-reads its own "
+                            "pending entries at once (default: the host name)")
+    relay.add_argument("--concurrency", type=int, default=64, help="deliveries in flight")
+    relay.add_argument("--claim-idle", type=float, default=60.0,
+                       help="seconds after which entries pending at another relay are claimed")
+    relay.add_argument("--config", help="TOML file with settings")
+    relay.set_defaults(func=cmd_relay)
     return parser
 
 

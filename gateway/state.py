@@ -15,6 +15,7 @@ from .metrics import Metrics
 from .purchase import PurchaseService
 from .rebalance import Rebalancer, transfers_of
 from .redis_conn import REDIS_FAILURES, RedisClient, connect
+from .relay import Relay
 from .sales import SaleCache
 from .store import Store
 from .tokens import TokenIssuer
@@ -32,6 +33,7 @@ class Gateway:
     tasks: list[asyncio.Task] = field(default_factory=list)
     in_flight: int = 0
     _issuer: TokenIssuer | None = None
+    relay: Relay | None = None
 
     @classmethod
     def build(cls, settings: Settings, client: RedisClient | None = None) -> "Gateway":
@@ -76,6 +78,9 @@ class Gateway:
 
     def start_background(self) -> None:
         self.tasks.append(asyncio.create_task(self._sweep_forever(), name="transfer-sweep"))
+        if self.settings.relay and self.settings.upstream_url:
+            self.relay = Relay.from_settings(self.settings, self.metrics)
+            self.relay.start()
 
     async def _sweep_forever(self, every: float = 2.0, older_than_ms: int = 5000) -> None:
         """Finish unit moves that a crashed process left half-done."""
@@ -90,6 +95,9 @@ class Gateway:
                 continue
 
     async def close(self) -> None:
+        if self.relay is not None:
+            await self.relay.stop()  # drains: in-flight deliveries finish and acknowledge
+            self.relay = None
         for task in self.tasks:
             task.cancel()
         await asyncio.gather(*self.tasks, return_exceptions=True)
