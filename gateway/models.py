@@ -15,6 +15,9 @@ class Sale:
     per_user_limit: int = 1
     shards: int = 16
     created_at: int = 0
+    # Set when the sale is created; a unit move of a deleted sale must not land in a
+    # new sale of the same SKU (the shards' keys are the same).
+    generation: str = ""
 
     def shard_range(self, shard: int) -> tuple[int, int]:
         """Units ``lo..hi`` the shard starts with (hi < lo: none). Stock S is units
@@ -37,6 +40,7 @@ class PurchaseReply:
     status: int = 0
     outcome_code: str = ""
     order_status: str = ""
+    same_attempt: bool = False  # DUPLICATE caused by a resend of this very call
 
 
 @dataclass(frozen=True, slots=True)

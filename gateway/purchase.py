@@ -5,6 +5,8 @@ handlers.seckill -> PurchaseService.buy -> Store.purchase -> lua/purchase.lua
 
 from __future__ import annotations
 
+import asyncio
+import random
 from dataclasses import dataclass
 from typing import Awaitable, Callable
 
@@ -20,11 +22,14 @@ from .tokens import TokenIssuer
 
 MAX_ATTEMPTS = 16
 
-STATUS_OF = {"OK": 200, "ALREADY_PURCHASED": 409, "SOLD_OUT": 410}
+STATUS_OF = {"OK": 200, "ALREADY_PURCHASED": 409, "INSUFFICIENT_STOCK": 409, "SOLD_OUT": 410}
 MESSAGES = {
     "ALREADY_PURCHASED": "you already hold the per-user limit for this sale",
+    "INSUFFICIENT_STOCK": "fewer units are left than the quantity asked for",
     "SOLD_OUT": "no units left in this sale",
 }
+# What a shard that is short records once a refill has looked at the whole sale.
+SHORT_OUTCOME = {Refill.SOLD_OUT: "SOLD_OUT", Refill.INSUFFICIENT: "INSUFFICIENT_STOCK"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,17 +70,23 @@ class PurchaseService:
         return await self._admit(sale, user_id, key, quantity)
 
     async def _admit(self, sale: Sale, user_id: int, key: str, quantity: int) -> Outcome:
-        final = self.sales.sold_out(sale.sku)
-        for _ in range(MAX_ATTEMPTS):
+        # What to record when the shard is short: nothing yet (ask for units), unless the
+        # whole sale is known to be empty.
+        short_outcome = "SOLD_OUT" if self.sales.sold_out(sale.sku) else ""
+        for attempt in range(MAX_ATTEMPTS):
             shard = shard_of(user_id, sale.shards)
-            reply = await self.store.purchase(sale, user_id, key, quantity, shard, final=final)
+            reply = await self.store.purchase(sale, user_id, key, quantity, shard, short_outcome)
             code = reply.code
             if code is Purchase.NEED_UNITS:
                 refill = await self.rebalancer.refill(sale, shard, quantity)
                 if refill is Refill.SOLD_OUT:
                     await self.store.set_sold_out(sale.sku, True)
                     self.sales.mark_sold_out(sale.sku)
-                final = refill in (Refill.SOLD_OUT, Refill.INSUFFICIENT)
+                short_outcome = SHORT_OUTCOME.get(refill, "")
+                if refill is Refill.RETRY or attempt >= 2:
+                    # Near the end of a sale, crowds on several shards pull the last
+                    # units back and forth; a short random pause lets one of them win.
+                    await asyncio.sleep(random.uniform(0, min(0.05, 0.002 * 2 ** attempt)))
                 continue
             if code is Purchase.SHARDS_MISMATCH or code is Purchase.SALE_NOT_FOUND:
                 # The sale was deleted (and maybe created again) since we cached it.
@@ -101,6 +112,10 @@ class PurchaseService:
             raise bad_request("quantity is over the per-user limit")
         if code is Purchase.DUPLICATE:
             body = outcome_body(reply.outcome_code, sale.sku, user_id, reply.order_no, reply.units)
+            if reply.same_attempt:
+                # The client library resent this very call after losing the reply: the
+                # outcome is this request's own, not a duplicate's.
+                return Outcome(reply.status, body)
             if self.settings.duplicate_response == "replay":
                 return Outcome(reply.status, body, {"Idempotent-Replayed": "true"})
             conflict = {"code": "IDEMPOTENT_CONFLICT",
@@ -109,6 +124,6 @@ class PurchaseService:
             if reply.order_status:
                 conflict["order_status"] = reply.order_status
             return Outcome(409, conflict)
-        name = {Purchase.OK: "OK", Purchase.ALREADY_PURCHASED: "ALREADY_PURCHASED",
-                Purchase.SOLD_OUT: "SOLD_OUT"}[code]
+        name = {Purchase.OK: "OK", Purchase.ALREADY_PURCHASED: "ALREADY_PURCHASED"}.get(code) \
+            or reply.outcome_code
         return Outcome(STATUS_OF[name], outcome_body(name, sale.sku, user_id, reply.order_no, reply.units))

@@ -56,7 +56,10 @@ class Rebalancer:
         running = self._in_flight.get(key)
         if running is not None:
             self._demand[key] += need
-            return await asyncio.shield(running)
+            result = await asyncio.shield(running)
+            # "Insufficient" was judged against the first caller's quantity; a caller
+            # asking for fewer units may still be served: let it try again.
+            return Refill.RETRY if result is Refill.INSUFFICIENT else result
         future: asyncio.Future = asyncio.get_running_loop().create_future()
         self._in_flight[key] = future
         self._demand[key] = need
@@ -80,15 +83,24 @@ class Rebalancer:
             have = states[receiver].remaining
             if need <= have:
                 return Refill.MOVED
-            donors = sorted((s for s in states if s.shard != receiver and s.remaining > 0),
+            pending = [t for s in states for t in transfers_of(s)]
+            left = sum(s.remaining for s in states) + sum(t.count for t in pending)
+            # Shards this process is refilling have buyers waiting for their units:
+            # taking those back would only start a tug of war over the last units.
+            busy = {shard for sku, shard in self._in_flight if sku == sale.sku and shard != receiver}
+            donors = sorted((s for s in states
+                             if s.shard != receiver and s.remaining > 0 and s.shard not in busy),
                             key=lambda s: s.remaining, reverse=True)
-            if not donors:
-                pending = [t for s in states for t in transfers_of(s)]
+            if left < need or not donors:
+                # Too few units to serve this shard (or all of them wanted elsewhere):
+                # move nothing; decide from a consistent view of the whole sale.
                 if pending:
                     await self.finish(sale, pending)
                     return Refill.MOVED
-                if await self._same_twice(sale, states):
-                    return Refill.SOLD_OUT if have == 0 else Refill.INSUFFICIENT
+                if left < need and await self._same_twice(sale, states):
+                    return Refill.SOLD_OUT if left == 0 else Refill.INSUFFICIENT
+                if left >= need:
+                    return Refill.MOVED if moved_any else Refill.RETRY
                 continue
             # Bring what every caller waiting on this refill needs, not only the first:
             # units for one buyer at a time would leave the rest of a crowd retrying

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from typing import Union
+from typing import Callable, Union
 
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
@@ -11,6 +11,7 @@ from redis.backoff import ExponentialWithJitterBackoff
 from redis.exceptions import RedisClusterException, RedisError
 from redis.retry import Retry
 
+from .batcher import Batcher, batcher_for
 from .config import Settings
 
 RedisClient = Union[Redis, RedisCluster]
@@ -44,3 +45,12 @@ def connect(settings: Settings) -> RedisClient:
         max_connections=512,
         **common,
     )
+
+
+def make_batcher(client: RedisClient, settings: Settings,
+                 on_batch: Callable[[int], None] | None = None) -> Batcher | None:
+    """The batcher for the hot-path script calls made on ``client`` (see gateway.batcher),
+    or None where it cannot open the client's kind of connection (TLS, Unix socket):
+    the calls then go through the client. ``on_batch`` sees the size of every pipeline
+    sent, e.g. ``Metrics.batch_size.observe``. (``settings``: for tuning knobs to come.)"""
+    return batcher_for(client, on_batch=on_batch)

@@ -7,11 +7,13 @@ pipeline, which the Cluster client splits by node.
 
 from __future__ import annotations
 
+import secrets
 import time
 from typing import Any, Iterable
 
 import orjson
 
+from .batcher import Batcher
 from .codes import Compensated, Created, Delivered, Purchase, TRANSFER_OUT_NO_SHARD, TransferIn
 from .keys import KeySpace, new_order_no, shard_of_order
 from .models import Order, PurchaseReply, Sale, ShardState, Transfer, parse_units
@@ -25,11 +27,15 @@ def _now_ms() -> int:
 
 class Store:
     def __init__(self, client: RedisClient, keys: KeySpace, scripts: Scripts | None = None,
-                 outcome_ttl: int = 300) -> None:
+                 outcome_ttl: int = 300, batcher: Batcher | None = None) -> None:
+        """``batcher`` (see gateway.batcher), when given, carries the hot-path script
+        calls (the purchase) batched into pipelines; everything else goes to ``client``.
+        The caller that made the batcher closes it."""
         self.client = client
         self.keys = keys
         self.scripts = scripts or Scripts.load()
         self.outcome_ttl = outcome_ttl
+        self.batcher = batcher
 
     def _pipeline(self) -> Any:
         return self.client.pipeline(transaction=False)
@@ -46,9 +52,10 @@ class Store:
         """Create the sale; False when the SKU is taken. The registry record is
         claimed first (SET NX), then each shard is created (idempotently)."""
         created_at = sale.created_at or _now_ms()
+        generation = sale.generation or secrets.token_hex(6)
         record = orjson.dumps({
             "stock": sale.stock, "price": sale.price, "per_user_limit": sale.per_user_limit,
-            "shards": sale.shards, "created_at": created_at,
+            "shards": sale.shards, "created_at": created_at, "generation": generation,
         })
         if not await self.client.set(self.keys.sale(sale.sku), record, nx=True):
             return False
@@ -57,7 +64,7 @@ class Store:
             sk = self.keys.shard(sale.sku, shard)
             reply = await self.scripts.create_shard(
                 self.client, (sk.stock, sk.units),
-                (lo, hi, sale.per_user_limit, sale.price, sale.shards))
+                (lo, hi, sale.per_user_limit, sale.price, sale.shards, generation))
             Created(int(reply))
         await self.client.hset(self.keys.sales, sale.sku, sale.shards)
         return True
@@ -69,7 +76,7 @@ class Store:
         data = orjson.loads(record)
         return Sale(sku=sku, stock=data["stock"], price=data["price"],
                     per_user_limit=data["per_user_limit"], shards=data["shards"],
-                    created_at=data["created_at"])
+                    created_at=data["created_at"], generation=data.get("generation", ""))
 
     async def list_sales(self) -> dict[str, int]:
         """SKU -> shard count of every sale."""
@@ -135,15 +142,17 @@ class Store:
     # -- purchase ---------------------------------------------------------------
 
     async def purchase(self, sale: Sale, user_id: int, key: str, quantity: int,
-                       shard: int, final: bool = False) -> PurchaseReply:
+                       shard: int, short_outcome: str = "") -> PurchaseReply:
+        """``short_outcome``: what to record if the shard has too few units ("" asks for
+        units instead; "SOLD_OUT" or "INSUFFICIENT_STOCK" once the whole sale is known)."""
         sk = self.keys.shard(sale.sku, shard)
         order_no = new_order_no(shard)
         reply = await self.scripts.purchase(
-            self.client,
+            self.batcher or self.client,
             (sk.idempotency(user_id, key), sk.stock, sk.units, sk.buyers,
              sk.order(order_no), sk.order_index, sk.stream),
             (user_id, sale.sku, quantity, f"{sale.sku}|{quantity}", order_no, _now_ms(),
-             self.outcome_ttl, sale.shards, "1" if final else "0"),
+             self.outcome_ttl, sale.shards, short_outcome),
         )
         return decode_purchase(reply)
 
@@ -154,7 +163,7 @@ class Store:
         sk = self.keys.shard(sale.sku, donor)
         reply = await self.scripts.transfer_out(
             self.client, (sk.stock, sk.units, sk.transfers_out),
-            (transfer_id, receiver, want, _now_ms()))
+            (transfer_id, receiver, want, _now_ms(), sale.generation))
         if int(reply[0]) == TRANSFER_OUT_NO_SHARD:
             return None
         return int(reply[0]), reply[1]
@@ -163,7 +172,7 @@ class Store:
         sk = self.keys.shard(sale.sku, transfer.receiver)
         reply = await self.scripts.transfer_in(
             self.client, (sk.stock, sk.units, sk.transfers_in),
-            (transfer.transfer_id, transfer.ranges, transfer.count))
+            (transfer.transfer_id, transfer.ranges, transfer.count, sale.generation))
         return TransferIn(int(reply))
 
     async def transfer_done(self, sale: Sale, transfer: Transfer) -> None:
@@ -215,7 +224,10 @@ def decode_purchase(reply: list[Any]) -> PurchaseReply:
         return PurchaseReply(code, order_no=reply[1], units=parse_units(reply[2]), amount=int(reply[3]))
     if code is Purchase.DUPLICATE:
         return PurchaseReply(code, status=int(reply[1]), outcome_code=reply[2], order_no=reply[3] or "",
-                             units=parse_units(reply[4] or ""), order_status=reply[5] or "")
+                             units=parse_units(reply[4] or ""), order_status=reply[5] or "",
+                             same_attempt=bool(int(reply[6])))
+    if code is Purchase.SOLD_OUT:
+        return PurchaseReply(code, outcome_code=reply[1])
     if code is Purchase.ALREADY_PURCHASED:
         return PurchaseReply(code, order_no=reply[1] or "")
     if code is Purchase.NEED_UNITS:

@@ -2,7 +2,7 @@
   Create one shard of a sale (idempotent: an existing shard is left as it is).
 
   Input:
-    KEYS[1] shard stock       (hash: remaining, sold, limit, price, shards, ver)
+    KEYS[1] shard stock       (hash: remaining, sold, limit, price, shards, ver, gen)
     KEYS[2] shard free units  (list of "lo-hi" ranges)
 
     ARGV[1] first unit number of the shard's range
@@ -10,6 +10,7 @@
     ARGV[3] per-user limit
     ARGV[4] price, minor units
     ARGV[5] shard count of the sale
+    ARGV[6] generation of the sale (a new one for every creation of a SKU)
 
   Output:
     1  created
@@ -28,5 +29,6 @@ if hi >= lo then
   rcall("RPUSH", KEYS[2], lo .. "-" .. hi)
 end
 rcall("HSET", KEYS[1], "remaining", count, "sold", 0, "limit", ARGV[3],
-      "price", ARGV[4], "shards", ARGV[5], "ver", 0)
+      "price", ARGV[4], "shards", ARGV[5], "ver", 0,
+      "gen", ARGV[6])
 return 1

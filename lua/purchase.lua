@@ -9,7 +9,7 @@
   All keys share one hash tag (the shard), so on Redis Cluster they sit in one slot.
 
   Input:
-    KEYS[1] idempotency record  (hash: fp, st, code, ord, units, ost; expires)
+    KEYS[1] idempotency record  (hash: fp, req, st, code, ord, units, ost; expires)
     KEYS[2] shard stock          (hash: remaining, sold, limit, price, shards, ver)
     KEYS[3] shard free units     (list of "lo-hi" ranges, taken from the head)
     KEYS[4] shard buyers         (hash: <user_id> -> units held, <user_id>:o -> last order_no)
@@ -21,20 +21,24 @@
     ARGV[2] sku
     ARGV[3] quantity
     ARGV[4] request fingerprint (sku and quantity)
-    ARGV[5] order_no to use if admitted
+    ARGV[5] order_no to use if admitted; also names this attempt, so that a client
+            library resending the call after a lost reply gets its own outcome back
     ARGV[6] now, epoch milliseconds
     ARGV[7] outcome ttl, seconds
     ARGV[8] shard count the caller assumed for the sale
-    ARGV[9] "1" when the caller knows the sale has no units anywhere: an empty shard
-            then records SOLD_OUT instead of asking for units
+    ARGV[9] "" to ask for units when the shard is short; else the outcome to record
+            then, known by the caller for the whole sale: "SOLD_OUT" (no units anywhere)
+            or "INSUFFICIENT_STOCK" (fewer units left than the quantity)
 
   Output (first element is the code):
     {0, order_no, units_csv, amount}          OK: admitted
-    {1, status, code, order_no, units_csv, order_status}
-                                              DUPLICATE: key used before for this request
+    {1, status, code, order_no, units_csv, order_status, same_attempt}
+                                              DUPLICATE: key used before for this request;
+                                              same_attempt 1: by this very attempt (a resend)
     {2}                                       KEY_REUSED: key used before for another request
     {3, order_no}                             ALREADY_PURCHASED (recorded against the key)
-    {4}                                       SOLD_OUT (recorded against the key)
+    {4, code}                                 SOLD_OUT or INSUFFICIENT_STOCK, as ARGV[9]
+                                              asked (recorded against the key)
     {5, missing}                              NEED_UNITS: shard short by `missing`, nothing recorded
     {6}                                       SALE_NOT_FOUND, nothing recorded
     {7, shards}                               SHARDS_MISMATCH: the sale has another shard count
@@ -53,18 +57,22 @@ local fingerprint = ARGV[4]
 local ttl = tonumber(ARGV[7])
 
 local function record(status, code, orderNo, units)
-  rcall("HSET", idemKey, "fp", fingerprint, "st", status, "code", code,
+  rcall("HSET", idemKey, "fp", fingerprint, "req", ARGV[5], "st", status, "code", code,
         "ord", orderNo, "units", units, "ost", "")
   rcall("EXPIRE", idemKey, ttl)
 end
 
 -- 1. The key: one key, one outcome.
-local seen = rcall("HMGET", idemKey, "fp", "st", "code", "ord", "units", "ost")
+local seen = rcall("HMGET", idemKey, "fp", "st", "code", "ord", "units", "ost", "req")
 if seen[1] then
   if seen[1] ~= fingerprint then
     return {2}
   end
-  return {1, seen[2], seen[3], seen[4], seen[5], seen[6]}
+  local sameAttempt = 0
+  if seen[7] == ARGV[5] then
+    sameAttempt = 1
+  end
+  return {1, seen[2], seen[3], seen[4], seen[5], seen[6], sameAttempt}
 end
 
 -- 2. The sale, as this shard knows it.
@@ -91,9 +99,12 @@ end
 
 -- 4. Units in this shard.
 if remaining < quantity then
-  if ARGV[9] == "1" then
+  if ARGV[9] == "SOLD_OUT" then
     record(410, "SOLD_OUT", "", "")
-    return {4}
+    return {4, "SOLD_OUT"}
+  elseif ARGV[9] == "INSUFFICIENT_STOCK" then
+    record(409, "INSUFFICIENT_STOCK", "", "")
+    return {4, "INSUFFICIENT_STOCK"}
   end
   return {5, quantity - remaining}
 end

@@ -12,15 +12,17 @@
     ARGV[1] transfer id
     ARGV[2] ranges, "lo-hi,lo-hi,..."
     ARGV[3] unit count in the ranges
+    ARGV[4] generation of the sale the units came from ("" : any)
 
   Output:
     1   added
     0   already added before
-    -1  no such shard (sale deleted)
+    -1  no such shard (sale deleted, or created anew: the units belong to no sale now)
 ]]
 local rcall = redis.call
 
-if rcall("EXISTS", KEYS[1]) == 0 then
+local gen = rcall("HGET", KEYS[1], "gen")
+if not gen or (ARGV[4] ~= "" and gen ~= ARGV[4]) then
   return -1
 end
 if rcall("SADD", KEYS[3], ARGV[1]) == 0 then

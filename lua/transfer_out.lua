@@ -14,17 +14,19 @@
     ARGV[2] receiving shard number
     ARGV[3] units wanted
     ARGV[4] now, epoch milliseconds
+    ARGV[5] generation of the sale the caller means ("" : any)
 
   Output:
     {count, ranges}  units moved out (count 0: the donor had none, nothing recorded)
-    {-1}             no such shard (sale deleted)
+    {-1}             no such shard (sale deleted, or created anew)
 ]]
 local rcall = redis.call
 
-local remaining = tonumber(rcall("HGET", KEYS[1], "remaining") or "-1")
-if remaining < 0 then
+local shard = rcall("HMGET", KEYS[1], "remaining", "gen")
+if not shard[1] or (ARGV[5] ~= "" and shard[2] ~= ARGV[5]) then
   return {-1}
 end
+local remaining = tonumber(shard[1])
 local want = math.min(tonumber(ARGV[3]), remaining)
 if want <= 0 then
   return {0, ""}

@@ -251,7 +251,9 @@ async def test_quantity_above_the_shards_units_is_served_by_a_move(backend: Back
         await assert_conserved(api.gateway.store, await sale_of(api, sku))
 
 
-async def test_quantity_above_the_whole_sale_is_sold_out_and_takes_nothing(backend: Backend):
+async def test_quantity_above_what_is_left_is_refused_and_takes_nothing(backend: Backend):
+    """Three units left, five asked: not SOLD_OUT (units are left), but
+    INSUFFICIENT_STOCK, recorded against the key, with nothing taken."""
     async with serve(backend.settings(key_mode="client")) as api:
         sku = new_sku()
         await api.create_sale(sku, 8, shards=4, per_user_limit=5)  # 2 units a shard
@@ -259,12 +261,12 @@ async def test_quantity_above_the_whole_sale_is_sold_out_and_takes_nothing(backe
         for user, q in ((0, 2), (1, 2), (2, 1)):
             assert (await api.buy(sku, user, f"fill-{user}-key", q))[0] == 200
         status, body, _ = await api.buy(sku, 4, "greedy-key-4", 5)  # shard 0, empty
-        assert (status, body["code"]) == (410, "SOLD_OUT")
+        assert (status, body["code"]) == (409, "INSUFFICIENT_STOCK")
         view = await api.sale(sku)
         assert (view["sold"], view["remaining"], admin_total(view)) == (5, 3, 8)
         # Recorded against the key: a retry gets the same outcome, still nothing taken.
         status, again, _ = await api.buy(sku, 4, "greedy-key-4", 5)
-        assert again["original"] == {"status": 410, "body": body}
+        assert again["original"] == {"status": 409, "body": body}
         # The sale is not sold out: right after, buyers of other empty shards get the
         # units left (the 410 above must not leave a "sold out" memory behind).
         status, one, _ = await api.buy(sku, 5, "after-greedy-5", 1)   # shard 1, empty
@@ -328,6 +330,29 @@ async def test_move_interrupted_between_its_steps(backend: Backend):
         assert await store.transfer_in(sale, transfer) is TransferIn.ALREADY_APPLIED
         assert (await api.sale(sku))["shards"][3]["remaining"] == 15
         await assert_conserved(store, sale)
+
+
+async def test_a_move_of_a_deleted_sale_never_lands_in_its_successor(backend: Backend):
+    """The SKU is deleted and created again between the two steps of a move: the old
+    sale's units must not join the new sale (its shards have the same keys), or the
+    new sale would hold those unit numbers twice."""
+    async with serve(backend.settings(key_mode="client")) as api:
+        sku = new_sku()
+        await api.create_sale(sku, 40, shards=4)
+        store, old = api.gateway.store, await sale_of(api, sku)
+        transfer_id = uuid.uuid4().hex
+        count, ranges = await store.transfer_out(old, 0, 2, 4, transfer_id)
+        resp = await api.client.delete(f"/admin/sales/{sku}", headers=api.admin)
+        assert resp.status == 204
+        await api.create_sale(sku, 40, shards=4)
+        new = await sale_of(api, sku)
+        assert new.generation != old.generation
+        late = Transfer(transfer_id, 0, 2, ranges, count, 0)
+        assert await store.transfer_in(old, late) is TransferIn.NO_SHARD
+        assert await store.transfer_out(old, 1, 2, 4, uuid.uuid4().hex) is None
+        view = await api.sale(sku)
+        assert (view["remaining"], view["in_transfer"]) == (40, 0)
+        await assert_conserved(store, new)
 
 
 async def test_move_interrupted_after_step_two(backend: Backend):
@@ -459,8 +484,11 @@ async def test_refill_outcomes(backend: Backend):
         assert await rebalancer.refill(sale, 1, 5) is Refill.MOVED
         states = await store.shard_states(sale)
         assert states[1].remaining >= 5 and sum(s.remaining for s in states) == 8
+        before = [s.remaining for s in await store.shard_states(sale)]
         assert await rebalancer.refill(sale, 2, 9) is Refill.INSUFFICIENT
-        assert sum(s.remaining for s in await store.shard_states(sale)) == 8
+        # Too few units for the asker: nothing moves (it would only feed a tug of war).
+        assert [s.remaining for s in await store.shard_states(sale)] == before
+        assert await rebalancer.refill(sale, 2, 8) is Refill.MOVED
         # Drain the sale through shard 2, then ask again: sold out.
         reply = await store.purchase(sale, 2, "drain-all-key", 8, 2)
         assert reply.code is Purchase.OK and sorted(reply.units) == list(range(1, 9))
@@ -549,8 +577,10 @@ class MoveMachine(RuleBasedStateMachine):
             assert len(units) == quantity
             self._admitted(outcome.body["order_no"], units)
         elif outcome.status == 410:
-            # No false sold-out: nobody else acts meanwhile, so the sale really lacked units.
-            assert len(before.free) + len(before.in_transfer) < quantity, before
+            # No false sold-out: nobody else acts meanwhile, so the sale really was empty.
+            assert len(before.free) + len(before.in_transfer) == 0, before
+        elif outcome.body["code"] == "INSUFFICIENT_STOCK":
+            assert 0 < len(before.free) + len(before.in_transfer) < quantity, before
         else:
             assert outcome.status == 409 and outcome.body["code"] == "ALREADY_PURCHASED"
 
@@ -602,7 +632,7 @@ class MoveMachine(RuleBasedStateMachine):
         elif result is Refill.SOLD_OUT:
             assert available == 0
         elif result is Refill.INSUFFICIENT:
-            assert 0 < available < need and after[receiver].remaining == available
+            assert 0 < available < need
         self._forget_finished()
 
     def _forget_finished(self) -> None:
