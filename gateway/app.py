@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from typing import Awaitable, Callable
 
+import redis
 from aiohttp import web
 
 from .config import Settings
@@ -43,7 +45,10 @@ async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
             response: web.StreamResponse = unavailable("the gateway is overloaded").response()
         else:
             try:
-                response = await handler(request)
+                # A bound on every request: a slow or unreachable Redis (or a cluster
+                # client busy rediscovering its nodes) must not hold callers for long.
+                async with asyncio.timeout(gw.settings.request_timeout):
+                    response = await handler(request)
             except ApiError as exc:
                 response = exc.response()
             except web.HTTPException as exc:
@@ -51,15 +56,19 @@ async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
                     raise
                 code = HTTP_CODES.get(exc.status, "HTTP_ERROR")
                 response = json_response(exc.status, {"code": code, "message": exc.reason})
-            except REDIS_FAILURES as exc:
-                gw.metrics.redis_errors.labels(type(exc).__name__).inc()
-                log.warning("redis failure on %s: %s", route, type(exc).__name__)
-                response = unavailable().response()
             except asyncio.CancelledError:
                 raise
-            except Exception:
-                log.exception("unhandled error on %s", route)
-                response = json_response(500, {"code": "INTERNAL", "message": "internal error"})
+            except Exception as exc:
+                if not is_redis_failure(exc):
+                    log.exception("unhandled error", extra={"route": route})
+                    response = json_response(500, {"code": "INTERNAL", "message": "internal error"})
+                else:
+                    kind = type(exc).__name__
+                    gw.metrics.redis_errors.labels(kind).inc()
+                    if gw.log_throttle.allow(kind):
+                        log.warning("redis failure", extra={"route": route, "error": kind,
+                                                            "detail": str(exc)[:200]})
+                    response = unavailable().response()
     finally:
         gw.in_flight -= 1
     key = (route, _code_of(response))
@@ -70,6 +79,22 @@ async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
     pair[0].inc()
     pair[1].observe(time.perf_counter() - started)
     return response
+
+
+def is_redis_failure(exc: BaseException) -> bool:
+    """Redis unreachable, slow, or its client library failing inside: the purchase
+    fails closed (503). redis-py's cluster client can raise plain AttributeError or
+    RuntimeError from a connection torn down under it; those count when they come
+    from inside the redis package."""
+    if isinstance(exc, REDIS_FAILURES):
+        return True
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb is not None and _REDIS_PACKAGE in tb.tb_frame.f_code.co_filename
+
+
+_REDIS_PACKAGE = os.path.dirname(redis.__file__)
 
 
 def _code_of(response: web.StreamResponse) -> str:

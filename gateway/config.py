@@ -45,6 +45,7 @@ class Settings:
     key_prefix: str = "seckill"
     token_secret: str | None = field(default=None, repr=False)
     redis_timeout: float = 1.0
+    request_timeout: float = 2.0
     max_in_flight: int = 4096
     relay: bool = True
     rate_limit_user: float = 0.0
@@ -64,8 +65,8 @@ class Settings:
             raise ConfigError(f"{ENV_PREFIX}KEY_PREFIX must be 1-32 chars of [A-Za-z0-9_.:-]")
         if self.auth == "jwt" and not self.jwt_secret:
             raise ConfigError(f"{ENV_PREFIX}AUTH=jwt needs {ENV_PREFIX}JWT_SECRET")
-        if self.redis_timeout <= 0:
-            raise ConfigError(f"{ENV_PREFIX}REDIS_TIMEOUT must be positive")
+        if self.redis_timeout <= 0 or self.request_timeout <= 0:
+            raise ConfigError(f"{ENV_PREFIX}REDIS_TIMEOUT and REQUEST_TIMEOUT must be positive")
 
     def replace(self, **changes: Any) -> "Settings":
         values = {f.name: getattr(self, f.name) for f in fields(self)}

@@ -11,6 +11,7 @@ from .errors import ApiError, bad_request, json_response
 from .keys import CLIENT_KEY_RE, valid_sku
 from .metrics import CONTENT_TYPE
 from .models import Sale
+from .ratelimit import retry_after
 from .state import Gateway, GATEWAY
 
 TOKEN_SHAPE = re.compile(r"[A-Za-z0-9_.-]{1,128}")
@@ -54,9 +55,19 @@ def _sku(request: web.Request) -> str:
 
 # -- public API -------------------------------------------------------------------------
 
+def _rate_limit(gw: Gateway, request: web.Request, user_id: int) -> None:
+    """Per user and per client address; 429 with Retry-After when over."""
+    wait = max(gw.user_limiter.acquire(user_id), gw.ip_limiter.acquire(request.remote))
+    if wait > 0:
+        gw.metrics.shed.labels("rate_limited").inc()
+        raise ApiError(429, "RATE_LIMITED", "too many requests; slow down",
+                       {"Retry-After": retry_after(wait)})
+
+
 async def token(request: web.Request) -> web.Response:
     gw = _gateway(request)
     user_id = gw.auth.user_id(request)
+    _rate_limit(gw, request, user_id)
     issuer = await gw.token_issuer()
     return json_response(200, {"code": "OK", "token": issuer.issue(user_id),
                                "expires_in": gw.settings.idempotency_ttl})
@@ -65,6 +76,7 @@ async def token(request: web.Request) -> web.Response:
 async def seckill(request: web.Request) -> web.Response:
     gw = _gateway(request)
     user_id = gw.auth.user_id(request)
+    _rate_limit(gw, request, user_id)
     key = request.headers.get("X-Idempotency-Key") or request.headers.get("Idempotency-Key")
     if not key:
         raise ApiError(400, "IDEMPOTENCY_KEY_REQUIRED", "send X-Idempotency-Key (or Idempotency-Key)")
@@ -91,6 +103,10 @@ async def healthz(request: web.Request) -> web.Response:
     gw = _gateway(request)
     await gw.store.ping()
     return json_response(200, {"code": "OK", "redis": "up"})
+
+
+async def openapi(request: web.Request) -> web.Response:
+    return web.Response(body=_gateway(request).openapi_json, content_type="application/json")
 
 
 async def metrics(request: web.Request) -> web.Response:
@@ -153,3 +169,4 @@ def add_routes(app: web.Application) -> None:
     app.router.add_route("DELETE", r"/admin/sales/{sku:[^/]+}", delete_sale)
     app.router.add_route("GET", "/healthz", healthz, name="healthz")
     app.router.add_route("GET", "/metrics", metrics, name="metrics")
+    app.router.add_route("GET", "/openapi.json", openapi, name="openapi")

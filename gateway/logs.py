@@ -32,3 +32,19 @@ def setup_logging(level: str = "INFO") -> None:
     root.handlers[:] = [handler]
     root.setLevel(level)
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+
+
+class LogThrottle:
+    """At most one log line per kind of event per ``every`` seconds, so an outage logs
+    that it happens, not once per request."""
+
+    def __init__(self, every: float = 5.0) -> None:
+        self.every = every
+        self._last: dict[str, float] = {}
+
+    def allow(self, kind: str) -> bool:
+        now = time.monotonic()
+        if now - self._last.get(kind, -self.every) < self.every:
+            return False
+        self._last[kind] = now
+        return True

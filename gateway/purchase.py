@@ -78,6 +78,12 @@ class PurchaseService:
             reply = await self.store.purchase(sale, user_id, key, quantity, shard, short_outcome)
             code = reply.code
             if code is Purchase.NEED_UNITS:
+                if await self.store.is_sold_out(sale.sku):
+                    # Known sold out (set after a consistent read of every shard, cleared
+                    # when a refused delivery gives units back): no need to look again.
+                    self.sales.mark_sold_out(sale.sku)
+                    short_outcome = "SOLD_OUT"
+                    continue
                 refill = await self.rebalancer.refill(sale, shard, quantity)
                 if refill is Refill.SOLD_OUT:
                     await self.store.set_sold_out(sale.sku, True)

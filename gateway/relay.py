@@ -34,6 +34,7 @@ import aiohttp
 import orjson
 from redis.exceptions import ResponseError
 
+from .aio import cancel_and_wait
 from .codes import Compensated
 from .config import Settings
 from .keys import KeySpace
@@ -52,20 +53,6 @@ RETRYABLE_4XX = frozenset({408, 425, 429})
 
 def default_consumer() -> str:
     return f"{socket.gethostname()}-{os.getpid()}"
-
-
-async def cancel_and_wait(tasks: list[asyncio.Task]) -> None:
-    """Cancel the tasks and wait until they are done.
-
-    On Python 3.11, ``asyncio.wait_for`` (which redis-py uses for socket timeouts)
-    swallows a cancellation that arrives just as the call it guards completes; the task
-    then runs on. So cancel again until every task has ended."""
-    pending = {task for task in tasks if not task.done()}
-    while pending:
-        for task in pending:
-            task.cancel()
-        _, pending = await asyncio.wait(pending, timeout=0.1)
-    await asyncio.gather(*tasks, return_exceptions=True)
 
 
 @dataclass(frozen=True, slots=True)

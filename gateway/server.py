@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import multiprocessing
 import os
@@ -27,6 +28,10 @@ async def serve_app(app: web.Application, host: str, port: int, *, reuse_port: b
     await runner.setup()
     site = web.TCPSite(runner, host, port, reuse_port=reuse_port, backlog=4096)
     await site.start()
+    # Everything allocated so far lives as long as the process: keep it out of the
+    # collector's full passes, which otherwise show up as 15-25 ms stalls in p99.
+    gc.collect()
+    gc.freeze()
     log.info("listening", extra={"host": host, "port": port, "pid": os.getpid()})
     if ready:
         ready()

@@ -6,15 +6,20 @@ import asyncio
 import secrets
 from dataclasses import dataclass, field
 
+import orjson
 from aiohttp import web
 
+from .aio import cancel_and_wait
 from .auth import Authenticator
 from .config import Settings
 from .keys import KeySpace
+from .logs import LogThrottle
+from .openapi import build as build_openapi
+from .ratelimit import RateLimiter
 from .metrics import Metrics
 from .purchase import PurchaseService
 from .rebalance import Rebalancer, transfers_of
-from .redis_conn import REDIS_FAILURES, RedisClient, connect
+from .redis_conn import REDIS_FAILURES, RedisClient, connect, make_batcher
 from .relay import Relay
 from .sales import SaleCache
 from .store import Store
@@ -32,18 +37,28 @@ class Gateway:
     metrics: Metrics
     tasks: list[asyncio.Task] = field(default_factory=list)
     in_flight: int = 0
+    log_throttle: LogThrottle = field(default_factory=LogThrottle)
+    user_limiter: RateLimiter = field(default_factory=lambda: RateLimiter(0))
+    ip_limiter: RateLimiter = field(default_factory=lambda: RateLimiter(0))
+    openapi_json: bytes = b""
     _issuer: TokenIssuer | None = None
     relay: Relay | None = None
 
     @classmethod
     def build(cls, settings: Settings, client: RedisClient | None = None) -> "Gateway":
-        store = Store(client or connect(settings), KeySpace(settings.key_prefix),
-                      outcome_ttl=settings.idempotency_ttl)
+        client = client or connect(settings)
+        metrics = Metrics()
+        store = Store(client, KeySpace(settings.key_prefix), outcome_ttl=settings.idempotency_ttl,
+                      batcher=make_batcher(client, settings, metrics.batch_size.observe))
         sales = SaleCache(store)
         rebalancer = Rebalancer(store)
         auth = Authenticator(settings.auth, settings.jwt_secret, settings.admin_token)
-        gw = cls(settings, store, sales, rebalancer, None, auth, Metrics())  # type: ignore[arg-type]
+        gw = cls(settings, store, sales, rebalancer, None, auth, metrics)  # type: ignore[arg-type]
         gw.purchases = PurchaseService(settings, store, sales, rebalancer, gw.token_issuer)
+        rebalancer.on_move = gw.metrics.moves.inc
+        gw.user_limiter = RateLimiter(settings.rate_limit_user)
+        gw.ip_limiter = RateLimiter(settings.rate_limit_ip)
+        gw.openapi_json = orjson.dumps(build_openapi())
         return gw
 
     async def token_issuer(self) -> TokenIssuer:
@@ -98,9 +113,9 @@ class Gateway:
         if self.relay is not None:
             await self.relay.stop()  # drains: in-flight deliveries finish and acknowledge
             self.relay = None
-        for task in self.tasks:
-            task.cancel()
-        await asyncio.gather(*self.tasks, return_exceptions=True)
+        await cancel_and_wait(self.tasks)
+        if self.store.batcher is not None:
+            await self.store.batcher.aclose()
         await self.store.close()
 
 
