@@ -123,7 +123,11 @@ class PurchaseService:
                 # outcome is this request's own, not a duplicate's.
                 return Outcome(reply.status, body)
             if self.settings.duplicate_response == "replay":
-                return Outcome(reply.status, body, {"Idempotent-Replayed": "true"})
+                headers = {"Idempotent-Replayed": "true"}
+                if reply.order_status:
+                    # The original body, as promised; what became of the order since.
+                    headers["Order-Status"] = reply.order_status
+                return Outcome(reply.status, body, headers)
             conflict = {"code": "IDEMPOTENT_CONFLICT",
                         "message": "this key was used before; the original outcome is attached",
                         "original": {"status": reply.status, "body": body}}

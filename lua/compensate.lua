@@ -19,7 +19,9 @@
 
   Output:
     {1, returned}  compensated: `returned` units back in the shard
-    {0}            the order was rejected already
+    {0}            nothing to undo: the order was rejected already, or delivered (an
+                   endpoint that stored it and then refuses a repeat must not get its
+                   units sold again)
     {-1}           no such order
 ]]
 local rcall = redis.call
@@ -28,7 +30,7 @@ local order = rcall("HMGET", KEYS[1], "status", "units", "quantity", "user_id", 
 if not order[1] then
   return {-1}
 end
-if order[1] == "rejected" then
+if order[1] ~= "admitted" then
   return {0}
 end
 local quantity = tonumber(order[3])
