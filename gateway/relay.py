@@ -446,8 +446,10 @@ class Relay:
         result = await self._redis(
             lambda: self.store.compensate(order, verdict.reason, keep_units=verdict.taken),
             "compensate")
-        if result is Compensated.DONE:
-            # Units came back: the sale may be buyable again.
+        if result is not Compensated.NO_ORDER:
+            # Units came back: the sale may be buyable again. (Also after ALREADY: a
+            # compensation that ran before a Redis error may not have cleared it; a
+            # needless clear only costs one consistent read of the sale.)
             await self._redis(lambda: self.store.set_sold_out(order.sku, False), "clear sold-out")
 
     async def _redis(self, call: Callable[[], Awaitable[T]], what: str) -> T:

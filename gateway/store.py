@@ -197,7 +197,11 @@ class Store:
             (sk.order(order.order_no), sk.stock, sk.units, sk.buyers,
              order.idempotency_key or sk.idempotency(order.user_id, "-")),
             (reason, ",".join(str(u) for u in keep_units)))
-        return Compensated(int(reply[0]))
+        result = Compensated(int(reply[0]))
+        if result is Compensated.DONE and int(reply[1]) > 0:
+            # Units are back: the sale is not sold out any more.
+            await self.set_sold_out(order.sku, False)
+        return result
 
     async def mark_delivered(self, order: Order) -> Delivered:
         shard = shard_of_order(order.order_no)

@@ -15,6 +15,7 @@ from typing import AsyncIterator
 
 import pytest
 import pytest_asyncio
+from hypothesis import Phase, settings as hypothesis_settings
 from aiohttp import ClientSession, web
 from aiohttp.test_utils import TestClient, TestServer
 
@@ -23,6 +24,13 @@ from gateway.config import Settings
 from gateway.devcluster import LocalCluster
 from gateway.devredis import LocalRedis
 from gateway.state import GATEWAY, Gateway
+
+# In CI a failing property is reported at once (with a blob to reproduce it), not after
+# minutes of shrinking against a real Redis.
+hypothesis_settings.register_profile(
+    "ci", phases=[Phase.explicit, Phase.reuse, Phase.generate], print_blob=True)
+if os.environ.get("CI"):
+    hypothesis_settings.load_profile("ci")
 
 ADMIN_TOKEN = "test-admin-token"
 BACKENDS = ["standalone", "cluster"]
