@@ -15,6 +15,7 @@ import sys
 import time
 import urllib.request
 from contextlib import ExitStack
+from pathlib import Path
 from typing import Sequence
 
 from .devcluster import LocalCluster
@@ -55,9 +56,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--port", type=int, default=8080, help="gateway port")
     parser.add_argument("--orders-port", type=int, default=8081, help="orders service port")
     parser.add_argument("--cluster", action="store_true", help="a local Redis Cluster (3+3 nodes)")
-    parser.add_argument("--database-url", default="sqlite:///./orders.db")
+    parser.add_argument("--database-url", default=None,
+                        help="orders store [a new SQLite file under .run/ for each run: the "
+                             "Redis is new too, and old orders would hold its unit numbers]")
     args = parser.parse_args(argv)
 
+    if args.database_url is None:
+        run_dir = Path(".run")
+        run_dir.mkdir(exist_ok=True)
+        args.database_url = f"sqlite:///{run_dir.resolve()}/orders-{time.strftime('%Y%m%d-%H%M%S')}.db"
     stopping = False
 
     def on_signal(signum: int, frame: object) -> None:
