@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import secrets
+import time
 from dataclasses import dataclass, field
 
 import orjson
@@ -24,6 +26,8 @@ from .relay import Relay
 from .sales import SaleCache
 from .store import Store
 from .tokens import TokenIssuer
+
+log = logging.getLogger("gateway")
 
 
 @dataclass(slots=True)
@@ -74,11 +78,21 @@ class Gateway:
         if sale is None:
             return None
         states = await self.store.shard_states(sale)
-        pending = [t for state in states for t in transfers_of(state)]
-        by_receiver: dict[int, list[str]] = {}
-        for transfer in pending:
-            by_receiver.setdefault(transfer.receiver, []).append(transfer.transfer_id)
-        applied = await self.store.applied_transfers(sale, by_receiver)
+        for _ in range(5):
+            # Which transfer records the receivers applied is read apart from the
+            # shards; a move step landing in between would count its units twice or
+            # not at all. Read the shards again: unchanged, the three reads agree.
+            pending = [t for state in states for t in transfers_of(state)]
+            by_receiver: dict[int, list[str]] = {}
+            for transfer in pending:
+                by_receiver.setdefault(transfer.receiver, []).append(transfer.transfer_id)
+            applied = await self.store.applied_transfers(sale, by_receiver)
+            again = await self.store.shard_states(sale)
+            unchanged = all(a.version == b.version and a.transfers_out == b.transfers_out
+                            for a, b in zip(states, again))
+            states = again
+            if unchanged:
+                break
         in_transfer = sum(t.count for t in pending if t.transfer_id not in applied)
         remaining = sum(s.remaining for s in states)
         sold = sum(s.sold for s in states)
@@ -98,25 +112,68 @@ class Gateway:
             self.relay.start()
 
     async def _sweep_forever(self, every: float = 2.0, older_than_ms: int = 5000) -> None:
-        """Finish unit moves that a crashed process left half-done."""
+        """Finish unit moves that a crashed process left half-done, and keep the
+        ``seckill_units_remaining`` gauge current from the same read of the shards."""
+        gauge = self.metrics.units_remaining
+        shown: set[str] = set()
         while True:
             await asyncio.sleep(every)
             try:
+                listed = set()
                 for sku in await self.store.list_sales():
                     sale = await self.store.get_sale(sku)
-                    if sale is not None:
-                        await self.rebalancer.sweep(sale, older_than_ms)
+                    if sale is None:
+                        continue
+                    listed.add(sku)
+                    states = await self.store.shard_states(sale)
+                    gauge.labels(sku).set(sum(s.remaining for s in states))
+                    now_ms = int(time.time() * 1000)
+                    stale = [t for s in states for t in transfers_of(s)
+                             if now_ms - t.started_ms >= older_than_ms]
+                    if stale:
+                        await self.rebalancer.finish(sale, stale)
+                for sku in shown - listed:  # deleted sales: no stale series
+                    gauge.remove(sku)
+                shown = listed
             except REDIS_FAILURES:
                 continue
 
-    async def close(self) -> None:
+    async def close(self, relay_drain: float = 5.0) -> None:
+        """Stop background work (the app's cleanup: the HTTP server has drained by now)."""
         if self.relay is not None:
+            await self._let_relay_catch_up(relay_drain)
             await self.relay.stop()  # drains: in-flight deliveries finish and acknowledge
             self.relay = None
         await cancel_and_wait(self.tasks)
         if self.store.batcher is not None:
             await self.store.batcher.aclose()
         await self.store.close()
+
+
+    async def _let_relay_catch_up(self, timeout: float) -> None:
+        """Before the relay stops, let it deliver what was admitted, for up to ``timeout``
+        seconds. No purchase reaches this gateway any more, so the streams empty out
+        unless the endpoint is down. Stopping at once would leave entries to the next
+        relay (those it had read but not acknowledged only after its claim timeout) and
+        may cancel a read whose entries Redis has already handed over."""
+        assert self.relay is not None
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        streams = self.relay.streams
+        left = -1
+        while True:
+            try:
+                shards = await streams.shard_count(await self.store.list_sales())
+                left = await streams.backlog([self.store.keys.stream(s) for s in range(shards)])
+            except REDIS_FAILURES:
+                pass
+            if left == 0:
+                return
+            if loop.time() >= deadline:
+                log.warning("relay stopping with purchases not yet delivered",
+                            extra={"backlog": left})
+                return
+            await asyncio.sleep(0.05)
 
 
 GATEWAY = web.AppKey("gateway", Gateway)
