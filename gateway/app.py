@@ -106,6 +106,8 @@ def create_app(settings: Settings, client: RedisClient | None = None) -> web.App
     gateway = Gateway.build(settings, client)
     app[GATEWAY] = gateway
     app[_METRIC_CHILDREN] = {}
+    # Read at scrape time: nothing to keep in step on the request path.
+    gateway.metrics.in_flight.set_function(lambda: gateway.in_flight)
     add_routes(app)
 
     async def lifecycle(app: web.Application):

@@ -22,6 +22,13 @@ def parse_user_id(text: str | None) -> int | None:
     return value if value < MAX_USER_ID else None
 
 
+def _raw(text: str) -> bytes:
+    """Header text back to the bytes sent: aiohttp decodes headers as UTF-8 with
+    surrogate escapes, so a non-UTF-8 byte arrives as a lone surrogate, which a plain
+    ``encode()`` refuses (that was a 500 for ``Authorization: Bearer \xe9``)."""
+    return text.encode("utf-8", "surrogateescape")
+
+
 def _bearer(request: web.Request) -> str | None:
     header = request.headers.get("Authorization", "")
     scheme, _, token = header.partition(" ")
@@ -47,7 +54,9 @@ class Authenticator:
         if token is None:
             raise unauthenticated("a bearer token is required")
         try:
-            claims = jwt.decode(token, self.jwt_secret, algorithms=["HS256"],
+            # Header text is decoded with surrogate escapes: hand PyJWT the bytes as sent
+            # (a str it cannot encode would raise UnicodeEncodeError, not a PyJWTError).
+            claims = jwt.decode(_raw(token), self.jwt_secret, algorithms=["HS256"],
                                 options={"require": ["exp", "sub"]})
         except jwt.PyJWTError:
             raise unauthenticated("the bearer token is invalid or expired") from None
@@ -60,5 +69,5 @@ class Authenticator:
         if not self.admin_token:
             raise ApiError(403, "FORBIDDEN", "admin API disabled: no SECKILL_ADMIN_TOKEN set")
         token = _bearer(request) or ""
-        if not hmac.compare_digest(token.encode(), self.admin_token.encode()):
+        if not hmac.compare_digest(_raw(token), self.admin_token.encode()):
             raise ApiError(401, "UNAUTHENTICATED", "admin bearer token required")

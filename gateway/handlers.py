@@ -11,12 +11,11 @@ from .errors import ApiError, bad_request, json_response
 from .keys import CLIENT_KEY_RE, valid_sku
 from .metrics import CONTENT_TYPE
 from .models import Sale
+from .openapi import MAX_LIMIT, MAX_PRICE, MAX_SHARDS, MAX_STOCK
 from .ratelimit import retry_after
 from .state import Gateway, GATEWAY
 
 TOKEN_SHAPE = re.compile(r"[A-Za-z0-9_.-]{1,128}")
-MAX_STOCK = 10_000_000
-MAX_LIMIT = 1_000
 
 
 def _gateway(request: web.Request) -> Gateway:
@@ -24,7 +23,12 @@ def _gateway(request: web.Request) -> Gateway:
 
 
 async def _json_object(request: web.Request, allowed: set[str]) -> dict:
-    raw = await request.read()
+    try:
+        raw = await request.read()
+    except web.RequestPayloadError:
+        # A body the parser could not decode (a broken gzip/deflate stream, bad chunking
+        # after the headers): the client's fault, not ours.
+        raise bad_request("the body could not be read (content encoding or framing)") from None
     if not raw.strip():
         return {}
     try:
@@ -126,9 +130,9 @@ async def put_sale(request: web.Request) -> web.Response:
     sale = Sale(
         sku=sku,
         stock=_int_field(data, "stock", 0, 1, MAX_STOCK),
-        price=_int_field(data, "price", 0, 0, 2**40),
+        price=_int_field(data, "price", 0, 0, MAX_PRICE),
         per_user_limit=_int_field(data, "per_user_limit", 1, 1, MAX_LIMIT),
-        shards=_int_field(data, "shards", gw.settings.shards, 1, 1024),
+        shards=_int_field(data, "shards", gw.settings.shards, 1, MAX_SHARDS),
     )
     if not await gw.store.create_sale(sale):
         raise ApiError(409, "SALE_EXISTS", "a sale with this SKU exists")

@@ -32,6 +32,9 @@ def setup_logging(level: str = "INFO") -> None:
     root.handlers[:] = [handler]
     root.setLevel(level)
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+    # Python warnings (e.g. PyJWT's about a short secret) as log records, not free text
+    # on stderr: every line of the output is then one JSON object.
+    logging.captureWarnings(True)
 
 
 class LogThrottle:

@@ -18,6 +18,18 @@ def _answer(description: str, schema: dict | None = None, headers: dict | None =
 
 
 _RETRY_AFTER = {"Retry-After": {"schema": {"type": "integer", "minimum": 1}}}
+_RATE_LIMITED = _answer("RATE_LIMITED", headers=_RETRY_AFTER)
+# Any route, when more requests are in flight than SECKILL_MAX_IN_FLIGHT.
+_OVERLOADED = _answer("UNAVAILABLE: the gateway is overloaded", headers=_RETRY_AFTER)
+_TOO_LARGE = _answer("PAYLOAD_TOO_LARGE: the body is over SECKILL_MAX_BODY_BYTES")
+_KEY = {"type": "string", "pattern": "^[A-Za-z0-9_.-]{1,128}$"}
+
+# The bounds the handlers enforce (gateway.handlers uses these): documented so that
+# generated valid input is valid.
+MAX_STOCK = 10_000_000
+MAX_PRICE = 2**40
+MAX_LIMIT = 1_000
+MAX_SHARDS = 1024
 _SKU = {"name": "sku", "in": "path", "required": True,
         "schema": {"type": "string", "pattern": "^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$"}}
 _USER = {"name": "X-User-Id", "in": "header", "required": True,
@@ -40,30 +52,37 @@ def build() -> dict[str, Any]:
             "/api/token": {
                 "get": {"operationId": "getToken", "parameters": [_USER],
                         "responses": {"200": _answer("a one-time token", {"$ref": "#/components/schemas/Token"}),
-                                      **common}},
+                                      "429": _RATE_LIMITED, **common}},
                 "post": {"operationId": "postToken", "parameters": [_USER],
                          "responses": {"200": _answer("a one-time token", {"$ref": "#/components/schemas/Token"}),
-                                       **common}},
+                                       "429": _RATE_LIMITED, **common}},
             },
             "/api/seckill/{sku}": {
                 "post": {
                     "operationId": "buy",
                     "parameters": [
                         _SKU, _USER,
-                        {"name": "X-Idempotency-Key", "in": "header", "required": True,
-                         "schema": {"type": "string", "maxLength": 128}},
+                        {"name": "X-Idempotency-Key", "in": "header", "required": False,
+                         "schema": _KEY,
+                         "description": "a token from /api/token (SECKILL_KEY_MODE=token) or a "
+                                        "client-made key of 8-128 chars [A-Za-z0-9_-] (client); "
+                                        "one of the two key headers is required"},
+                        {"name": "Idempotency-Key", "in": "header", "required": False,
+                         "schema": _KEY, "description": "read when X-Idempotency-Key is absent"},
                     ],
                     "requestBody": {"required": False, "content": {"application/json": {"schema": {
                         "type": "object", "additionalProperties": False,
-                        "properties": {"quantity": {"type": "integer", "minimum": 1}}}}}},
+                        "properties": {"quantity": {"type": "integer", "minimum": 1,
+                                                    "maximum": MAX_LIMIT}}}}}},
                     "responses": {
                         "200": _answer("admitted", {"$ref": "#/components/schemas/Admitted"}),
                         "403": _answer("TOKEN_INVALID"),
                         "404": _answer("SALE_NOT_FOUND"),
                         "409": _answer("IDEMPOTENT_CONFLICT or ALREADY_PURCHASED"),
                         "410": _answer("SOLD_OUT"),
+                        "413": _TOO_LARGE,
                         "422": _answer("IDEMPOTENCY_KEY_REUSED"),
-                        "429": _answer("RATE_LIMITED", headers=_RETRY_AFTER),
+                        "429": _RATE_LIMITED,
                         **common,
                     },
                 },
@@ -81,7 +100,8 @@ def build() -> dict[str, Any]:
                             "schema": {"$ref": "#/components/schemas/NewSale"}}}},
                         "responses": {"201": _answer("created", {"type": "object"}),
                                       "403": _answer("admin API disabled"),
-                                      "409": _answer("SALE_EXISTS"), **common}},
+                                      "409": _answer("SALE_EXISTS"), "413": _TOO_LARGE,
+                                      **common}},
                 "get": {"operationId": "getSale", "security": _ADMIN, "parameters": [_SKU],
                         "responses": {"200": _answer("the sale", {"type": "object"}),
                                       "403": _answer("admin API disabled"),
@@ -94,6 +114,12 @@ def build() -> dict[str, Any]:
             "/healthz": {"get": {"operationId": "health", "responses": {
                 "200": _answer("Redis answers", {"type": "object"}),
                 "503": _answer("Redis unreachable", headers=_RETRY_AFTER)}}},
+            "/metrics": {"get": {"operationId": "metrics", "responses": {
+                "200": {"description": "Prometheus text format",
+                        "content": {"text/plain": {"schema": {"type": "string"}}}},
+                "503": _OVERLOADED}}},
+            "/openapi.json": {"get": {"operationId": "openapi", "responses": {
+                "200": _answer("this document", {"type": "object"}), "503": _OVERLOADED}}},
         },
         "components": {
             "securitySchemes": {"admin": {"type": "http", "scheme": "bearer"}},
@@ -114,10 +140,13 @@ def build() -> dict[str, Any]:
                                          "status": {"type": "string",
                                                     "enum": ["admitted", "delivered", "rejected"]}}},
                 "NewSale": {"type": "object", "required": ["stock"], "additionalProperties": False,
-                            "properties": {"stock": {"type": "integer", "minimum": 1},
-                                           "price": {"type": "integer", "minimum": 0},
-                                           "per_user_limit": {"type": "integer", "minimum": 1},
-                                           "shards": {"type": "integer", "minimum": 1, "maximum": 1024}}},
+                            "properties": {"stock": {"type": "integer", "minimum": 1, "maximum": MAX_STOCK},
+                                           "price": {"type": "integer", "minimum": 0, "maximum": MAX_PRICE,
+                                                     "description": "minor units"},
+                                           "per_user_limit": {"type": "integer", "minimum": 1,
+                                                              "maximum": MAX_LIMIT},
+                                           "shards": {"type": "integer", "minimum": 1,
+                                                      "maximum": MAX_SHARDS}}},
             },
         },
     }

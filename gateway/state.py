@@ -149,7 +149,6 @@ class Gateway:
             await self.store.batcher.aclose()
         await self.store.close()
 
-
     async def _let_relay_catch_up(self, timeout: float) -> None:
         """Before the relay stops, let it deliver what was admitted, for up to ``timeout``
         seconds. No purchase reaches this gateway any more, so the streams empty out
