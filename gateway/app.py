@@ -10,6 +10,7 @@ from typing import Awaitable, Callable
 
 import redis
 from aiohttp import web
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from .config import Settings
 from .errors import HTTP_CODES, RESPONSE_CODE, ApiError, json_response, unavailable
@@ -68,7 +69,7 @@ async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
                     if gw.log_throttle.allow(kind):
                         log.warning("redis failure", extra={"route": route, "error": kind,
                                                             "detail": str(exc)[:200]})
-                    response = unavailable().response()
+                    response = _unavailable_for(exc).response()
     finally:
         gw.in_flight -= 1
     key = (route, _code_of(response))
@@ -79,6 +80,17 @@ async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
     pair[0].inc()
     pair[1].observe(time.perf_counter() - started)
     return response
+
+
+def _unavailable_for(exc: BaseException) -> ApiError:
+    """A timeout is not "nothing admitted": the script may have run after we stopped
+    waiting. Say so; the same key, sent again, returns what happened."""
+    if isinstance(exc, (asyncio.TimeoutError, RedisTimeoutError)):
+        error = unavailable("Redis did not answer in time; the purchase may have been made: "
+                            "retry with the same key to learn its outcome")
+        error.extra["outcome_unknown"] = True
+        return error
+    return unavailable()
 
 
 def is_redis_failure(exc: BaseException) -> bool:

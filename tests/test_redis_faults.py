@@ -79,3 +79,29 @@ def _outage(backend):
         await loop.run_in_executor(None, server.wait_until_healthy, 30)
 
     return pause, resume
+
+
+async def test_a_timeout_says_the_outcome_is_unknown_and_the_same_key_tells_it(standalone_redis, sku):
+    """Redis too slow (paused): the script may still run after the gateway stopped
+    waiting, so the 503 does not claim "nothing admitted"; the same key, sent again,
+    gets the real outcome and never a second purchase."""
+    from .conftest import Backend
+
+    backend = Backend("standalone", standalone_redis.url, standalone_redis)
+    async with serve(backend.settings(redis_timeout=0.3, request_timeout=0.6)) as api:
+        await api.create_sale(sku, 5)
+        token = await api.token(1)
+        standalone_redis.pause()
+        try:
+            status, body, headers = await api.buy(sku, 1, token)
+        finally:
+            standalone_redis.resume()
+        assert (status, body["code"], body.get("outcome_unknown")) == (503, "UNAVAILABLE", True)
+        assert "Retry-After" in headers
+        for _ in range(50):
+            status, again, _ = await api.buy(sku, 1, token)
+            if status != 503:
+                break
+            await asyncio.sleep(0.1)
+        assert status == 200 or (status, again["original"]["status"]) == (409, 200), again
+        assert (await api.sale(sku))["sold"] == 1
