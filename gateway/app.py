@@ -4,18 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import time
 from typing import Awaitable, Callable
 
-import redis
 from aiohttp import web
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from .config import Settings
 from .errors import HTTP_CODES, RESPONSE_CODE, ApiError, json_response, unavailable
 from .handlers import add_routes
-from .redis_conn import REDIS_FAILURES, RedisClient
+from .redis_conn import RedisClient, is_redis_failure
 from .state import GATEWAY, Gateway
 
 log = logging.getLogger("gateway")
@@ -93,20 +91,6 @@ def _unavailable_for(exc: BaseException) -> ApiError:
     return unavailable()
 
 
-def is_redis_failure(exc: BaseException) -> bool:
-    """Redis unreachable, slow, or its client library failing inside: the purchase
-    fails closed (503). redis-py's cluster client can raise plain AttributeError or
-    RuntimeError from a connection torn down under it; those count when they come
-    from inside the redis package."""
-    if isinstance(exc, REDIS_FAILURES):
-        return True
-    tb = exc.__traceback__
-    while tb is not None and tb.tb_next is not None:
-        tb = tb.tb_next
-    return tb is not None and _REDIS_PACKAGE in tb.tb_frame.f_code.co_filename
-
-
-_REDIS_PACKAGE = os.path.dirname(redis.__file__)
 
 
 def _code_of(response: web.StreamResponse) -> str:

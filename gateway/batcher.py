@@ -32,6 +32,19 @@ waiting on it get a ``redis.exceptions.ConnectionError`` or ``TimeoutError`` (a
 never resent after it was written, since its script may have run: a purchase run twice
 would answer its own 409 duplicate instead of its 200.
 
+Replica acknowledgements (``replica_acks`` > 0). Redis replicates asynchronously: a
+purchase a primary acknowledged can be lost with it when it fails before its replica
+got the write, and the replica promoted in its place never saw a purchase that was
+answered 200. So each pipeline then ends with ``WAIT <replica_acks> <ack_timeout_ms>``
+(on the same connection: WAIT covers every write made before it on its connection). A
+reply that must survive a failover (:func:`must_replicate`: the purchase script's OK,
+or the stored 200 of a used key) is handed to its caller only once WAIT has counted
+enough replicas; when it counts fewer (or the connection is lost first), the caller
+gets a ``TimeoutError`` instead: a 503, "retry with the same key". The script did run:
+the retry returns the stored outcome if it survived, or buys again if it was lost, so
+no 200 is ever given for a purchase a failover can lose. Replies that are not such a
+purchase (other outcomes, other scripts, errors) are handed over as they come.
+
 Supported connections: TCP, with a password (and user name) and a database number. For
 anything else (TLS, a Unix socket, a credential provider) :func:`batcher_for` gives no
 batcher and the calls go through the client unbatched.
@@ -41,6 +54,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import functools
 import logging
 from collections import deque
 from dataclasses import dataclass, field
@@ -55,11 +69,14 @@ from redis.crc import key_slot
 from redis.exceptions import (AskError, ClusterDownError, ConnectionError, InvalidResponse,
                               MovedError, RedisClusterException, RedisError, TimeoutError)
 
+from .codes import Purchase
+
 log = logging.getLogger("gateway.batcher")
 
 MAX_BATCH = 256
 WINDOW = 2
 MAX_REDIRECTS = 3
+ACK_TIMEOUT_MS = 200
 
 # What fails a whole connection (or a slot-map refresh). The same list as
 # redis_conn.REDIS_FAILURES, kept here so that this module does not import redis_conn.
@@ -71,6 +88,51 @@ BatchObserver = Callable[[int], None]
 _ASKING = hiredis.pack_command(("ASKING",))
 
 
+@functools.lru_cache(maxsize=8)
+def _wait_command(replicas: int, timeout_ms: int) -> bytes:
+    return hiredis.pack_command(("WAIT", replicas, timeout_ms))
+
+
+def must_replicate(reply: Any) -> bool:
+    """Whether a script reply answers a 200 that a failover must not lose: the purchase
+    script's OK (``{0, order_no, ...}``) or the stored 200 of a key used before
+    (``{1, 200, ...}``). Other scripts' replies do not start with an integer 0 or 1
+    (the first element of a purchase reply is an integer, never a string)."""
+    if type(reply) is not list or not reply or type(reply[0]) is not int:
+        return False
+    if reply[0] == Purchase.OK:
+        return True
+    return reply[0] == Purchase.DUPLICATE and len(reply) > 1 and reply[1] in ("200", b"200", 200)
+
+
+@dataclass(slots=True, eq=False)
+class _Ack:
+    """The WAIT that closes a pipeline, and the replies of the pipeline held until it
+    answers (see :func:`must_replicate`)."""
+
+    wanted: int
+    timeout_ms: int
+    held: list[tuple["_Call", Any]] = field(default_factory=list)
+
+    def settle(self, reply: Any) -> None:
+        """WAIT answered (the number of replicas that have every write made so far on
+        the connection), or failed (an error, the connection lost)."""
+        held, self.held = self.held, []
+        if not held:
+            return
+        # Always a TimeoutError, even for a lost connection: these purchases were made,
+        # so their outcome is unknown to the caller, not "nothing was admitted".
+        if isinstance(reply, BaseException):
+            error: BaseException | None = TimeoutError(f"replication not confirmed: {reply}")
+        elif isinstance(reply, int) and reply >= self.wanted:
+            error = None
+        else:
+            error = TimeoutError(f"replication not confirmed: {reply} of {self.wanted} replicas "
+                                 f"acknowledged within {self.timeout_ms} ms")
+        for call, result in held:
+            call.resolve(result if error is None else _own_copy(error))
+
+
 @dataclass(slots=True, eq=False)
 class _Call:
     """One caller's command, waiting for its reply."""
@@ -78,6 +140,7 @@ class _Call:
     packed: bytes  # the command in the Redis protocol
     future: asyncio.Future[Any]
     redirects: int = 0
+    ack: _Ack | None = None  # the WAIT after it in its pipeline, if any
 
     def resolve(self, result: Any) -> None:
         if self.future.done():  # the caller was cancelled; the others go on
@@ -138,8 +201,9 @@ class _Link(asyncio.Protocol):
         self.options = options
         self.transport: asyncio.Transport | None = None
         self.closed = False
-        # (call, is the last of its pipeline); call None: the reply of an ASKING
-        self.waiting: deque[tuple[_Call | None, bool]] = deque()
+        # (call, is the last of its pipeline); None: the reply of an ASKING; an _Ack:
+        # the reply of the WAIT that closes a pipeline
+        self.waiting: deque[tuple[_Call | _Ack | None, bool]] = deque()
         self.written = 0  # replies due since the connection opened
         self.received = 0
         self._watchdog: asyncio.TimerHandle | None = None
@@ -178,18 +242,25 @@ class _Link(asyncio.Protocol):
         self.write([call], asking=False, last=False)
         return await call.future
 
-    def write(self, calls: list[_Call], asking: bool, last: bool = True) -> None:
+    def write(self, calls: list[_Call], asking: bool, last: bool = True,
+              ack: _Ack | None = None) -> None:
+        """Write one pipeline; ``ack``: close it with a WAIT (``last`` must be true)."""
         if self.closed or self.transport is None:
             raise ConnectionError("connection closed")
         for call in calls:
             if asking:
                 self.waiting.append((None, False))
+            call.ack = ack
             self.waiting.append((call, False))
-        if last:
-            self.waiting[-1] = (calls[-1], True)
         self.written += len(calls) * (2 if asking else 1)
         payload = b"".join(_ASKING + c.packed for c in calls) if asking \
             else b"".join([c.packed for c in calls])
+        if ack is not None:
+            self.waiting.append((ack, True))
+            self.written += 1
+            payload += _wait_command(ack.wanted, ack.timeout_ms)
+        elif last:
+            self.waiting[-1] = (calls[-1], True)
         self.transport.write(payload)
         if self._watchdog is None and self.options.timeout:
             self._arm()
@@ -197,8 +268,10 @@ class _Link(asyncio.Protocol):
     def _arm(self) -> None:
         """One timer per connection, not one per pipeline: a timer per write would keep
         thousands alive at a time, old enough to be promoted and to feed full GC runs."""
+        # A WAIT may hold the connection's replies for up to its own timeout.
         self._watchdog = asyncio.get_running_loop().call_later(
-            self.options.timeout, self._watch, self.received, self.written)  # type: ignore[arg-type]
+            self.options.timeout + self.batcher.ack_slack,  # type: ignore[operator]
+            self._watch, self.received, self.written)
 
     def _watch(self, received: int, written: int) -> None:
         """No reply at all, for a whole timeout, to what was waiting when armed: the node
@@ -229,8 +302,10 @@ class _Link(asyncio.Protocol):
             self.transport.abort()
         waiting, self.waiting = self.waiting, deque()
         for call, _ in waiting:
-            if call is not None:
+            if type(call) is _Call:
                 call.resolve(_own_copy(error))
+            elif call is not None:
+                call.settle(error)  # replies held for a WAIT that will not come
         self._set_idle()
         self.batcher._on_lost(self)
 
@@ -256,8 +331,10 @@ class _Link(asyncio.Protocol):
                 return
             self.received += 1
             call, last = self.waiting.popleft()
-            if call is not None:
+            if type(call) is _Call:
                 self.batcher._on_reply(self.lane, call, reply)
+            elif call is not None:
+                call.settle(reply)
             if last:
                 self.batcher._on_answered(self.lane)
         self._set_idle()
@@ -281,21 +358,35 @@ class _Lane:
 
 
 class Batcher:
-    """Queues EVALSHA calls per lane and writes each lane's queue as a pipeline."""
+    """Queues EVALSHA calls per lane and writes each lane's queue as a pipeline.
+
+    ``replica_acks``: replicas that must have a purchase before its 200 is handed over
+    (0: none, no WAIT; None: decided when the batcher first connects, see
+    :meth:`_prepare`); ``ack_timeout_ms``: how long a WAIT may wait for them."""
 
     def __init__(self, options: NodeOptions, *, max_batch: int = MAX_BATCH,
-                 window: int = WINDOW, on_batch: BatchObserver | None = None) -> None:
+                 window: int = WINDOW, on_batch: BatchObserver | None = None,
+                 replica_acks: int | None = 0, ack_timeout_ms: int = ACK_TIMEOUT_MS,
+                 must_replicate: Callable[[Any], bool] = must_replicate) -> None:
         if max_batch < 1 or window < 1:
             raise ValueError("max_batch and window must be at least 1")
+        if replica_acks is not None and replica_acks < 0:
+            raise ValueError("replica_acks must be at least 0 (or None: decide on connecting)")
+        if ack_timeout_ms < 1:
+            raise ValueError("ack_timeout_ms must be at least 1 (WAIT 0 waits forever)")
         self.options = options
         self.max_batch = max_batch
         self.window = window
         self.on_batch = on_batch
+        self.replica_acks = replica_acks
+        self.ack_timeout_ms = ack_timeout_ms
+        self.must_replicate = must_replicate
         self._lanes: dict[LaneKey, _Lane] = {}
         self._flush_scheduled = False
         self._tasks: set[asyncio.Task[Any]] = set()
         self._loading: dict[str, asyncio.Future[str]] = {}
         self._ready = False  # what _lane_of needs is there
+        self._preparing: asyncio.Future[None] | None = None
         self._closed = False
 
     # -- the client-like facade -----------------------------------------------------------
@@ -304,7 +395,7 @@ class Batcher:
         call = _Call(hiredis.pack_command(("EVALSHA", sha, numkeys, *keys_and_args)),
                      asyncio.get_running_loop().create_future())
         if not self._ready:
-            await self._prepare()
+            await self._prepare_once()
         self._enqueue(self._lane_of(keys_and_args[0] if numkeys else None), call)
         return await call.future
 
@@ -340,8 +431,24 @@ class Batcher:
 
     # -- what a kind of deployment decides ------------------------------------------------
 
+    async def _prepare_once(self) -> None:
+        """:meth:`_prepare`, once for all the callers that arrive meanwhile (again after
+        a failure). They resume together, so their calls still share the first flush."""
+        if self._preparing is None or self._preparing.done():
+            self._preparing = asyncio.ensure_future(self._prepare())
+            self._preparing.add_done_callback(
+                lambda done: done.cancelled() or done.exception())  # retrieved
+        await asyncio.shield(self._preparing)
+
+    @property
+    def ack_slack(self) -> float:
+        """Seconds a WAIT may hold a connection's replies (0 without replica acks)."""
+        return self.ack_timeout_ms / 1000 if self.replica_acks else 0.0
+
     async def _prepare(self) -> None:
         """Whatever routing needs before the first call (the cluster's slot map)."""
+        if self.replica_acks is None:
+            self.replica_acks = 0
         self._ready = True
 
     def _lane_of(self, key: Any) -> LaneKey:
@@ -352,7 +459,15 @@ class Batcher:
         raise NotImplementedError
 
     def _on_reply(self, lane: _Lane, call: _Call, reply: Any) -> None:
-        call.resolve(reply)
+        self._answer(call, reply)
+
+    def _answer(self, call: _Call, reply: Any) -> None:
+        """Hand the reply over, or hold it for the WAIT closing its pipeline."""
+        if call.ack is not None and not isinstance(reply, BaseException) \
+                and self.must_replicate(reply):
+            call.ack.held.append((call, reply))
+        else:
+            call.resolve(reply)
 
     def _on_node_failure(self, lane: _Lane) -> None:
         """A connection to the lane's node failed or was lost."""
@@ -394,7 +509,8 @@ class Batcher:
                 except Exception:  # pragma: no cover - a metrics bug must not fail purchases
                     log.exception("batch observer failed")
             lane.in_flight += 1
-            lane.link.write(calls, asking=lane.key[1])
+            ack = _Ack(self.replica_acks, self.ack_timeout_ms) if self.replica_acks else None
+            lane.link.write(calls, asking=lane.key[1], ack=ack)
 
     async def _connect(self, lane: _Lane) -> None:
         host, _, port = lane.key[0].rpartition(":")
@@ -492,6 +608,16 @@ class ClusterBatcher(Batcher):
 
     async def _prepare(self) -> None:
         await self.cluster.initialize()
+        if self.replica_acks is None:
+            # A cluster with replicas fails over to them: its purchases must be on one
+            # before they are answered. One without replicas cannot confirm any (and
+            # loses whatever a failed primary held anyway). CLUSTER NODES, not the slot
+            # map: CLUSTER SLOTS leaves out replicas that have not synced yet.
+            nodes = await self.cluster.cluster_nodes()
+            has_replicas = any({"slave", "replica"} & set(str(info.get("flags", "")).split(","))
+                               for info in nodes.values())
+            self.replica_acks = 1 if has_replicas else 0
+            log.info("replica acknowledgements per purchase: %d", self.replica_acks)
         self._ready = True
 
     def _lane_of(self, key: Any) -> LaneKey:
@@ -512,7 +638,7 @@ class ClusterBatcher(Batcher):
             return
         if isinstance(reply, ClusterDownError):
             self._refresh_soon()
-        call.resolve(reply)
+        self._answer(call, reply)
 
     def _on_node_failure(self, lane: _Lane) -> None:
         self._refresh_soon()

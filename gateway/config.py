@@ -51,6 +51,14 @@ class Settings:
     rate_limit_user: float = 0.0
     rate_limit_ip: float = 0.0
     max_body_bytes: int = 4096
+    # Replicas that must hold a purchase before its 200 is answered (WAIT after each
+    # pipeline of purchases; see gateway.batcher). -1: 1 on a Redis Cluster whose
+    # primaries have replicas, else 0; 0: off (Redis replication is asynchronous, so a
+    # failover may then lose purchases already answered 200).
+    replica_acks: int = -1
+    replica_ack_timeout_ms: int = 200
+    # The relay claims purchase-stream entries another (dead) relay left pending this long.
+    relay_claim_idle_ms: int = 60_000
 
     def __post_init__(self) -> None:
         for name, allowed in _CHOICES.items():
@@ -67,6 +75,12 @@ class Settings:
             raise ConfigError(f"{ENV_PREFIX}AUTH=jwt needs {ENV_PREFIX}JWT_SECRET")
         if self.redis_timeout <= 0 or self.request_timeout <= 0:
             raise ConfigError(f"{ENV_PREFIX}REDIS_TIMEOUT and REQUEST_TIMEOUT must be positive")
+        if not -1 <= self.replica_acks <= 16:
+            raise ConfigError(f"{ENV_PREFIX}REPLICA_ACKS must be -1 (auto) or between 0 and 16")
+        if not 1 <= self.replica_ack_timeout_ms <= 10_000:
+            raise ConfigError(f"{ENV_PREFIX}REPLICA_ACK_TIMEOUT_MS must be between 1 and 10000")
+        if not 100 <= self.relay_claim_idle_ms <= 86_400_000:
+            raise ConfigError(f"{ENV_PREFIX}RELAY_CLAIM_IDLE_MS must be between 100 and 86400000")
 
     def replace(self, **changes: Any) -> "Settings":
         values = {f.name: getattr(self, f.name) for f in fields(self)}

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import os
 from typing import Callable, Union
 
+import redis
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
 from redis.backoff import ExponentialWithJitterBackoff
@@ -24,6 +26,23 @@ REDIS_FAILURES: tuple[type[BaseException], ...] = (
     OSError,
     asyncio.TimeoutError,
 )
+
+
+_REDIS_PACKAGE = os.path.dirname(redis.__file__)
+
+
+def is_redis_failure(exc: BaseException) -> bool:
+    """Redis unreachable, slow, or its client library failing inside. redis-py's cluster
+    client can raise plain AttributeError or RuntimeError (a transport closed under it)
+    during a failover; those count when they passed through the redis package."""
+    if isinstance(exc, REDIS_FAILURES):
+        return True
+    tb = exc.__traceback__
+    while tb is not None:
+        if tb.tb_frame.f_code.co_filename.startswith(_REDIS_PACKAGE):
+            return True
+        tb = tb.tb_next
+    return False
 
 
 def connect(settings: Settings) -> RedisClient:
@@ -52,5 +71,9 @@ def make_batcher(client: RedisClient, settings: Settings,
     """The batcher for the hot-path script calls made on ``client`` (see gateway.batcher),
     or None where it cannot open the client's kind of connection (TLS, Unix socket):
     the calls then go through the client. ``on_batch`` sees the size of every pipeline
-    sent, e.g. ``Metrics.batch_size.observe``. (``settings``: for tuning knobs to come.)"""
-    return batcher_for(client, on_batch=on_batch)
+    sent, e.g. ``Metrics.batch_size.observe``. ``settings.replica_acks`` (-1: decided
+    by the batcher when it connects) and ``replica_ack_timeout_ms``: the WAIT after
+    each pipeline."""
+    acks = settings.replica_acks
+    return batcher_for(client, on_batch=on_batch, replica_acks=None if acks < 0 else acks,
+                       ack_timeout_ms=settings.replica_ack_timeout_ms)

@@ -40,7 +40,7 @@ from .config import Settings
 from .keys import KeySpace
 from .metrics import Metrics
 from .models import parse_units
-from .redis_conn import REDIS_FAILURES, RedisClient, connect
+from .redis_conn import RedisClient, connect, is_redis_failure
 from .store import Store
 
 log = logging.getLogger("gateway.relay")
@@ -239,7 +239,12 @@ class Relay:
         longer than the BLOCK time, and must not hold the gateway's connections."""
         if not settings.upstream_url:
             raise ValueError("the relay needs SECKILL_UPSTREAM_URL")
-        config = config or RelayConfig()
+        if config is None:
+            # Claim rounds also keep our own in-flight entries fresh: they must come
+            # well within the idle time after which other relays take entries over.
+            idle_ms = settings.relay_claim_idle_ms
+            config = RelayConfig(claim_idle_ms=idle_ms,
+                                 claim_every=min(RelayConfig().claim_every, idle_ms / 3000))
         timeout = max(settings.redis_timeout, config.block_ms / 1000 + 2.0)
         store = Store(connect(settings.replace(redis_timeout=timeout)),
                       KeySpace(settings.key_prefix), outcome_ttl=settings.idempotency_ttl)
@@ -307,7 +312,9 @@ class Relay:
                         self._read_forever(self.store.keys.stream(shard)), name=f"relay-read-{shard}")
                 streams = [self.store.keys.stream(shard) for shard in self._readers]
                 self.metrics.relay_lag.set(await self.streams.backlog(streams))
-            except REDIS_FAILURES as exc:
+            except Exception as exc:
+                if not is_redis_failure(exc):
+                    raise
                 log.warning("relay: redis failure looking for streams", extra={"error": repr(exc)})
             await asyncio.sleep(self.config.refresh_every)
 
@@ -328,9 +335,14 @@ class Relay:
                     entries = await self.streams.read(stream, cursor, self.config.read_count, None)
                     cursor = entries[-1][0] if entries else ">"
                 failures = 0
-            except REDIS_FAILURES as exc:
+            except Exception as exc:
+                if not is_redis_failure(exc):
+                    raise
                 failures += 1
                 group_ready = False  # NOGROUP after a lost stream: create it again
+                # Entries whose read reply was lost with the node are pending under our
+                # name: read our own pending list again rather than wait for a claim.
+                cursor = "0"
                 log.warning("relay: redis failure reading", extra={"stream": stream,
                                                                     "error": repr(exc)})
                 await asyncio.sleep(self._backoff(failures))
@@ -364,7 +376,9 @@ class Relay:
                     if rounds % 60 == 0:
                         await self.streams.forget_idle_consumers(stream,
                                                                  self.config.forget_consumers_ms)
-                except REDIS_FAILURES as exc:
+                except Exception as exc:
+                    if not is_redis_failure(exc):
+                        raise
                     log.warning("relay: redis failure claiming", extra={"stream": stream,
                                                                          "error": repr(exc)})
 
@@ -458,7 +472,9 @@ class Relay:
         while True:
             try:
                 return await call()
-            except REDIS_FAILURES as exc:
+            except Exception as exc:
+                if not is_redis_failure(exc):
+                    raise
                 failures += 1
                 log.warning("relay: redis failure, will retry", extra={"step": what,
                                                                         "error": repr(exc)})

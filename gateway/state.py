@@ -21,7 +21,7 @@ from .ratelimit import RateLimiter
 from .metrics import Metrics
 from .purchase import PurchaseService
 from .rebalance import Rebalancer, transfers_of
-from .redis_conn import REDIS_FAILURES, RedisClient, connect, make_batcher
+from .redis_conn import RedisClient, connect, is_redis_failure, make_batcher
 from .relay import Relay
 from .sales import SaleCache
 from .store import Store
@@ -135,7 +135,9 @@ class Gateway:
                 for sku in shown - listed:  # deleted sales: no stale series
                     gauge.remove(sku)
                 shown = listed
-            except REDIS_FAILURES:
+            except Exception as exc:
+                if not is_redis_failure(exc):
+                    raise
                 continue
 
     async def close(self, relay_drain: float = 5.0) -> None:
@@ -164,8 +166,9 @@ class Gateway:
             try:
                 shards = await streams.shard_count(await self.store.list_sales())
                 left = await streams.backlog([self.store.keys.stream(s) for s in range(shards)])
-            except REDIS_FAILURES:
-                pass
+            except Exception as exc:
+                if not is_redis_failure(exc):
+                    raise
             if left == 0:
                 return
             if loop.time() >= deadline:

@@ -20,7 +20,8 @@ from redis.crc import key_slot
 from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from gateway.batcher import Batcher, ClusterBatcher, StandaloneBatcher, batcher_for
+from gateway.batcher import (Batcher, ClusterBatcher, StandaloneBatcher, batcher_for,
+                             must_replicate)
 from gateway.codes import Purchase
 from gateway.config import Settings
 from gateway.devcluster import LocalCluster, LocalNode
@@ -473,3 +474,138 @@ async def test_killed_primary_fails_its_callers_then_recovers(fault_cluster, fau
         assert all(r[0] == k for k, r in zip(keys, replies))
     finally:
         await batcher.aclose()
+
+
+# -- replica acknowledgements: WAIT after each pipeline -----------------------------------
+
+def test_must_replicate_holds_only_answers_that_are_200s() -> None:
+    assert must_replicate([0, "3-ab", "5", 100])  # OK: admitted
+    assert must_replicate([1, "200", "OK", "3-ab", "5", "", 0])  # the stored 200 of a key
+    assert must_replicate([1, b"200", b"OK", b"3-ab", b"5", b"", 1])
+    for other in ([1, "410", "SOLD_OUT", "", "", "", 0], [2], [3, "3-ab"], [4, "SOLD_OUT"],
+                  [5, 1], [6], [7, "16"], [8, 1]):
+        assert not must_replicate(other), other
+    for not_a_purchase in (["k", "0", 0], [True, "x"], ["0"], [], 0, "OK", None, b"0"):
+        assert not must_replicate(not_a_purchase), not_a_purchase
+
+
+async def test_without_a_replica_admitted_purchases_fail_with_a_timeout(standalone_redis,
+                                                                         prefix) -> None:
+    """A server with no replica cannot confirm a purchase: the caller gets a timeout (the
+    HTTP layer's 503, "retry with the same key") instead of its 200; what is not a 200
+    passes, and so do other scripts' calls."""
+    client = connect(_settings("standalone", standalone_redis.url))
+    acked = StandaloneBatcher(client, replica_acks=1, ack_timeout_ms=50)
+    plain = StandaloneBatcher(client)
+    keys = KeySpace(prefix)
+    store = Store(client, keys, batcher=acked)
+    sale = Sale("sku-w", stock=10, shards=1)
+    try:
+        assert await store.create_sale(sale)
+        await client.script_load(store.scripts.purchase.source)
+        with pytest.raises(RedisTimeoutError, match="replication not confirmed: 0 of 1"):
+            await store.purchase(sale, 7, "key-0000007", 1, 0)
+        # The script ran; a resend meets the stored 200 and is held the same way.
+        with pytest.raises(RedisTimeoutError):
+            await store.purchase(sale, 7, "key-0000007", 1, 0)
+        # Not a 200: answered (and recorded) as usual.
+        other = await store.purchase(sale, 7, "key-other-7", 1, 0)
+        assert other.code is Purchase.ALREADY_PURCHASED
+        counter = script(COUNTER_SOURCE)
+        assert await counter(acked, [tagged(prefix, 0)], [2]) == [tagged(prefix, 0), "2", 2]
+        # Without acknowledgements the resend gets the stored 200.
+        reply = await Store(client, keys, batcher=plain).purchase(sale, 7, "key-0000007", 1, 0)
+        assert (reply.code, reply.status) == (Purchase.DUPLICATE, 200)
+        many = await asyncio.gather(*(store.purchase(sale, u, f"key-{u:07d}", 1, 0)
+                                      for u in range(100, 105)), return_exceptions=True)
+        assert all(isinstance(r, RedisTimeoutError) for r in many), many
+    finally:
+        for b in (acked, plain):
+            await b.aclose()
+        await client.aclose()
+
+
+async def _wait_calls(nodes: list[LocalNode]) -> int:
+    total = 0
+    for node in nodes:
+        async with _node_client(node) as c:
+            total += int((await c.info("commandstats")).get("cmdstat_wait", {}).get("calls", 0))
+    return total
+
+
+async def test_with_replicas_admitted_purchases_are_answered_after_wait(local_cluster,
+                                                                       prefix) -> None:
+    client = connect(_settings("cluster", local_cluster.url))
+    await client.initialize()
+    batcher = make_batcher(client, Settings(redis_mode="cluster"))  # acks: decided on connecting
+    assert batcher is not None and batcher.replica_acks is None
+    store = Store(client, KeySpace(prefix), batcher=batcher)
+    sale = Sale("sku-r", stock=1000, shards=16)
+    try:
+        assert await store.create_sale(sale)
+        waits = await _wait_calls(local_cluster.primary_nodes())
+        replies = await asyncio.gather(*(store.purchase(sale, u, f"key-{u:07d}", 1, u % 16)
+                                         for u in range(100)))
+        assert [r.code for r in replies] == [Purchase.OK] * 100
+        assert batcher.replica_acks == 1  # the cluster has replicas
+        assert await _wait_calls(local_cluster.primary_nodes()) > waits
+        again = await store.purchase(sale, 5, "key-0000005", 1, 5)
+        assert (again.code, again.status, again.order_no) == (Purchase.DUPLICATE, 200,
+                                                              replies[5].order_no)
+    finally:
+        await batcher.aclose()
+        await client.aclose()
+
+
+async def test_standalone_default_is_no_acks(standalone_redis) -> None:
+    client = connect(_settings("standalone", standalone_redis.url))
+    batcher = make_batcher(client, Settings())
+    try:
+        counter = script(COUNTER_SOURCE)
+        await counter(batcher, ["acks-default"], [0])
+        assert batcher.replica_acks == 0
+        assert make_batcher(client, Settings(replica_acks=2)).replica_acks == 2
+    finally:
+        await batcher.aclose()
+        await client.aclose()
+
+
+async def test_a_primary_whose_replica_stalls_gives_no_200(fault_cluster, prefix) -> None:
+    """The replica of one primary is stalled (SIGSTOP): that primary's purchases run but
+    are not confirmed, so their callers get a timeout; purchases on other primaries are
+    answered. Once the replica is back, a resend of a refused key gets its stored 200."""
+    keys = KeySpace(prefix)
+    # A client of its own, through a node that is up (an earlier test kills one).
+    alive = next(n for n in fault_cluster.nodes if n.alive)
+    client = connect(_settings("cluster", alive.url))
+    await client.initialize()
+    batcher = ClusterBatcher(client, replica_acks=1, ack_timeout_ms=100)
+    store = Store(client, keys, batcher=batcher)
+    sale = Sale("sku-c", stock=1000, shards=16)
+    stalled = next(p for p in fault_cluster.primary_nodes() if fault_cluster.replicas_of(p))
+    replica = fault_cluster.replicas_of(stalled)[0]
+    owner = {s: fault_cluster.primary_for_key(keys.tag(s)) for s in range(16)}
+    on_stalled = [s for s in range(16) if owner[s] is stalled]
+    healthy = [s for s in range(16)
+               if owner[s] is not stalled and fault_cluster.replicas_of(owner[s])]
+    assert on_stalled and healthy
+    try:
+        assert await store.create_sale(sale)
+        await client.script_load(store.scripts.purchase.source)
+        fault_cluster.pause(replica)  # back well within the node timeout
+        try:
+            replies = await asyncio.gather(*(store.purchase(sale, s, f"key-{s:07d}", 1, s)
+                                             for s in range(16)), return_exceptions=True)
+        finally:
+            fault_cluster.resume(replica)
+        for s in on_stalled:
+            assert isinstance(replies[s], RedisTimeoutError), replies[s]
+        for s in healthy:
+            assert not isinstance(replies[s], BaseException) and replies[s].code is Purchase.OK
+        await asyncio.to_thread(fault_cluster.wait_for_replication, 30)
+        for s in on_stalled:
+            again = await store.purchase(sale, s, f"key-{s:07d}", 1, s)
+            assert (again.code, again.status) == (Purchase.DUPLICATE, 200), again
+    finally:
+        await batcher.aclose()
+        await client.aclose()
