@@ -106,10 +106,10 @@ class PurchaseService:
             # of every shard does. It may answer a quantity the sale cannot fill while
             # units are left (Refill.INSUFFICIENT), and renewed by every such reply the
             # memory would outlive units given back by a compensation.
-            return self._render(sale, user_id, quantity, reply)
+            return self._render(sale, user_id, reply)
         raise unavailable("the sale is busy moving units; retry with the same key")
 
-    def _render(self, sale: Sale, user_id: int, quantity: int, reply: PurchaseReply) -> Outcome:
+    def _render(self, sale: Sale, user_id: int, reply: PurchaseReply) -> Outcome:
         code = reply.code
         if code is Purchase.KEY_REUSED:
             raise ApiError(422, "IDEMPOTENCY_KEY_REUSED",

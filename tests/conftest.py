@@ -16,7 +16,7 @@ from typing import AsyncIterator
 import pytest
 import pytest_asyncio
 from hypothesis import Phase, settings as hypothesis_settings
-from aiohttp import ClientSession, web
+from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
 from gateway.app import create_app
