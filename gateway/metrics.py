@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -34,6 +35,10 @@ class Metrics:
                                      registry=r)
         self.relay_lag = Gauge("seckill_relay_lag", "purchases admitted but not yet delivered",
                                registry=r)
+        # Metrics are per process: with --workers, say which process answered a scrape.
+        self.worker = Gauge("seckill_worker", "the process these metrics come from",
+                            ("pid",), registry=r)
+        self.worker.labels(str(os.getpid())).set(1)
         self.units_remaining = Gauge("seckill_units_remaining", "units left per sale", ("sku",),
                                      registry=r)
 

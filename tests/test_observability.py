@@ -33,6 +33,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from gateway.app import create_app
 from gateway.devredis import LocalRedis
 from gateway.keys import KeySpace
+from gateway.procs import free_port
 from gateway.server import GatewayRunner
 
 from .delivery_fixtures import orders_service, sqlite_url, standalone, upstream  # noqa: F401  (fixtures)
@@ -43,11 +44,6 @@ JWT_SECRET = "obs-jwt-secret-2d8e4f60b1c3a5e7-9b0c4d1e"
 
 
 # -- a gateway process ----------------------------------------------------------------------
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @dataclass
@@ -472,13 +468,17 @@ async def test_two_workers_share_one_port_and_stop_on_sigterm(standalone_redis, 
             async with ClientSession() as session, \
                     session.get(gw.url + "/api/token", headers={"X-User-Id": "7"}) as resp:
                 assert resp.status == 200
-        counts = set()
-        for _ in range(30):
+        counts: dict[int, float | None] = {}
+        for _ in range(60):
             async with ClientSession() as session:
-                counts.add(sample(await scrape(session, gw), "seckill_requests_total",
-                                  route="/api/token", code="OK"))
+                metrics = await scrape(session, gw)
+            (worker,), = [labels for labels in samples_named(metrics, "seckill_worker")]
+            counts[int(worker[1])] = sample(metrics, "seckill_requests_total",
+                                            route="/api/token", code="OK")
+            if len(counts) == 2:
+                break
         # Each worker counts its own requests: two counts that add up to all of them.
-        assert len(counts) == 2 and sum(counts) == hits, counts
+        assert set(counts) == set(pids) and all(counts.values()) and sum(counts.values()) == hits, counts
 
         assert await asyncio.to_thread(gw.terminate) == 0
         stopped = [orjson.loads(line)["pid"] for line in gw.log_lines() if '"stopped"' in line]

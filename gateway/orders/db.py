@@ -33,6 +33,43 @@ class Tx(Protocol):
     async def fetchall(self, sql: str, *args: Any) -> list[Row]: ...
 
 
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS orders (
+    order_no      TEXT PRIMARY KEY,
+    sku           TEXT NOT NULL,
+    user_id       BIGINT NOT NULL,
+    quantity      INT NOT NULL,
+    amount        BIGINT NOT NULL,
+    units         TEXT NOT NULL,
+    admitted_at   BIGINT,
+    state         TEXT NOT NULL DEFAULT 'pending',
+    state_version INT NOT NULL DEFAULT 1,
+    created_at    {timestamp}
+);
+CREATE INDEX IF NOT EXISTS orders_sku ON orders (sku);
+CREATE TABLE IF NOT EXISTS order_units (
+    sku      TEXT NOT NULL,
+    unit     INT NOT NULL,
+    order_no TEXT NOT NULL REFERENCES orders (order_no),
+    UNIQUE (sku, unit)
+);
+CREATE INDEX IF NOT EXISTS order_units_order_no ON order_units (order_no);
+CREATE TABLE IF NOT EXISTS payments (
+    notify_id   TEXT PRIMARY KEY,
+    order_no    TEXT NOT NULL REFERENCES orders (order_no),
+    amount      BIGINT NOT NULL,
+    status      TEXT NOT NULL,
+    received_at {timestamp}
+);
+"""
+
+
+def schema(timestamp: str) -> str:
+    """The tables, the same on every database but for the type (and default) of a
+    timestamp column."""
+    return _SCHEMA.replace("{timestamp}", timestamp)
+
+
 @dataclass(frozen=True, slots=True)
 class NewOrder:
     """An admitted purchase as the relay delivers it."""

@@ -14,37 +14,9 @@ from typing import Any, AsyncIterator, Iterable, Sequence
 
 import asyncpg
 
-from .db import OrdersDb, Row
+from .db import OrdersDb, Row, schema
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS orders (
-    order_no      TEXT PRIMARY KEY,
-    sku           TEXT NOT NULL,
-    user_id       BIGINT NOT NULL,
-    quantity      INT NOT NULL,
-    amount        BIGINT NOT NULL,
-    units         TEXT NOT NULL,
-    admitted_at   BIGINT,
-    state         TEXT NOT NULL DEFAULT 'pending',
-    state_version INT NOT NULL DEFAULT 1,
-    created_at    TIMESTAMPTZ NOT NULL DEFAULT now()
-);
-CREATE INDEX IF NOT EXISTS orders_sku ON orders (sku);
-CREATE TABLE IF NOT EXISTS order_units (
-    sku      TEXT NOT NULL,
-    unit     INT NOT NULL,
-    order_no TEXT NOT NULL REFERENCES orders (order_no),
-    UNIQUE (sku, unit)
-);
-CREATE INDEX IF NOT EXISTS order_units_order_no ON order_units (order_no);
-CREATE TABLE IF NOT EXISTS payments (
-    notify_id   TEXT PRIMARY KEY,
-    order_no    TEXT NOT NULL REFERENCES orders (order_no),
-    amount      BIGINT NOT NULL,
-    status      TEXT NOT NULL,
-    received_at TIMESTAMPTZ NOT NULL DEFAULT now()
-);
-"""
+SCHEMA = schema("TIMESTAMPTZ NOT NULL DEFAULT now()")
 
 # Concurrent CREATE TABLE IF NOT EXISTS can still collide in the catalog; processes
 # starting together take turns on this advisory lock.
