@@ -16,7 +16,6 @@ import argparse
 import atexit
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -28,12 +27,7 @@ from typing import Sequence
 import redis
 
 from .devcluster import ClusterNotReady, LocalNode
-
-
-def _free_port(host: str) -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return sock.getsockname()[1]
+from .procs import free_port
 
 
 @dataclass(eq=False)
@@ -55,7 +49,7 @@ class LocalRedis:
         if server is None:
             raise FileNotFoundError(f"{self.redis_server!r} not found; install redis-server")
         atexit.register(self.stop)
-        self.node = LocalNode(0, self.host, self.port or _free_port(self.host),
+        self.node = LocalNode(0, self.host, self.port or free_port(self.host),
                               Path(tempfile.mkdtemp(prefix="devredis-")))
         self._launch(server)
         return self

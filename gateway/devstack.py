@@ -20,6 +20,7 @@ from typing import Sequence
 
 from .devcluster import LocalCluster
 from .devredis import LocalRedis
+from .procs import stop_process
 
 DEV_ADMIN_TOKEN = "dev-admin-token"
 
@@ -39,15 +40,6 @@ def _wait_http(url: str, timeout: float = 30.0) -> bool:
 def _spawn(args: list[str], env: dict[str, str]) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "gateway", *args], env=env,
                             stdin=subprocess.DEVNULL)
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -88,9 +80,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             "SECKILL_DATABASE_URL": args.database_url,
         }
         orders = _spawn(["orders", "serve", "--host", args.host, "--port", str(args.orders_port)], env)
-        stack.callback(_stop, orders)
+        stack.callback(stop_process, orders)
         gateway = _spawn(["serve", "--host", args.host, "--port", str(args.port)], env)
-        stack.callback(_stop, gateway)
+        stack.callback(stop_process, gateway)
         base = f"http://{args.host}:{args.port}"
         if not _wait_http(f"{base}/healthz"):
             print("the gateway did not come up", file=sys.stderr)

@@ -41,7 +41,6 @@ import re
 import secrets
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -53,6 +52,7 @@ from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
+from gateway.procs import free_port
 
 WRK_SCRIPT = Path(__file__).resolve().parent / "wrk" / "seckill.lua"
 BARE_BODY = (b'{"code":"OK","order_no":"7-0123456789abcdef0123456789abcdef","sku":"bench",'
@@ -134,11 +134,6 @@ def serve_gateway(port: int, batch: bool) -> None:
 
 # -- the stack ------------------------------------------------------------------------------
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
 
 def _http(method: str, url: str, body: dict | None = None,
           headers: dict[str, str] | None = None) -> tuple[int, bytes]:
@@ -179,7 +174,7 @@ class Stack:
 
     def server(self, name: str, serve: str, env: dict[str, str] | None = None) -> tuple[int, int]:
         """Start a server under test; its port and pid once it answers."""
-        port = _free_port()
+        port = free_port()
         proc = self.spawn(name, [sys.executable, str(Path(__file__).resolve()), "--serve", serve,
                                  "--port", str(port)], env)
         deadline = time.monotonic() + 30

@@ -33,7 +33,6 @@ import os
 import re
 import secrets
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -46,6 +45,7 @@ from typing import Any
 from aiohttp import ClientSession, ClientTimeout, TCPConnector
 
 from gateway.devcluster import LocalCluster
+from gateway.procs import free_port
 
 SHARDS = 16
 HOT_SHARD = 3
@@ -55,11 +55,6 @@ SHAPES = ("one-shard", "even")
 def log(message: str) -> None:
     print(f"[bench_skew] {message}", file=sys.stderr, flush=True)
 
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def users_for(shape: str, count: int, offset: int) -> list[int]:

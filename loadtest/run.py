@@ -39,6 +39,8 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import Sequence
 
+from gateway.procs import free_port, stop_process
+
 from . import verify
 
 LOADTEST_DIR = Path(__file__).resolve().parent
@@ -50,11 +52,6 @@ SCENARIOS = ("FlashCrowd", "RetryStorm", "GreedyUser", "SkewedCrowd", "LateCrowd
 def log(message: str) -> None:
     print(f"[loadtest] {message}", file=sys.stderr, flush=True)
 
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def cli_has(*words: str) -> bool:
@@ -102,12 +99,7 @@ class Processes:
     def stop(self) -> None:
         for name, proc in reversed(self.started):
             if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-                try:
-                    proc.wait(timeout=15)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
+                stop_process(proc)
                 log(f"stopped {name} (pid {proc.pid})")
         self.started.clear()
 

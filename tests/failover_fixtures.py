@@ -14,7 +14,6 @@ import contextlib
 import itertools
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -27,14 +26,11 @@ from typing import Iterator
 import aiohttp
 import orjson
 
+from gateway.procs import free_port, stop_process
+
 ADMIN_TOKEN = "failover-admin-token"
 ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _clean_environ() -> dict[str, str]:
@@ -113,12 +109,7 @@ class Service:
             return
         if self.running:
             self.resume()
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-        self.process.wait()
+        stop_process(self.process, timeout)
 
     def log_tail(self, lines: int = 30) -> str:
         try:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import shutil
 import uuid
 from typing import Any, AsyncIterator, Iterator
 
@@ -32,10 +31,6 @@ from gateway.redis_conn import REDIS_FAILURES, connect, make_batcher
 from gateway.scripts import Script
 from gateway.store import Store
 
-pytestmark = pytest.mark.skipif(
-    shutil.which("redis-server") is None or shutil.which("redis-cli") is None,
-    reason="redis-server/redis-cli not installed",
-)
 
 # Adds ARGV[1] to the counter KEYS[1]; answers the key, the argument and the new value.
 COUNTER_SOURCE = """

@@ -3,20 +3,13 @@
 from __future__ import annotations
 
 import os
-import shutil
 
 import pytest
 from redis.crc import key_slot
 
 from gateway.devcluster import LocalCluster, LocalNode
 
-pytestmark = [
-    pytest.mark.cluster,
-    pytest.mark.skipif(
-        shutil.which("redis-server") is None or shutil.which("redis-cli") is None,
-        reason="redis-server/redis-cli not installed",
-    ),
-]
+pytestmark = pytest.mark.cluster
 
 
 def _pid_exists(pid: int) -> bool:

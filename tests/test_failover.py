@@ -23,7 +23,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import shutil
 import time
 import uuid
 from collections import Counter
@@ -47,10 +46,6 @@ from loadtest import verify
 from .failover_fixtures import (ADMIN, Load, Service, create_sale, gateway_env, gateway_service,
                                 metric, orders_service, sale_status)
 
-pytestmark = pytest.mark.skipif(
-    shutil.which("redis-server") is None or shutil.which("redis-cli") is None,
-    reason="redis-server/redis-cli not installed",
-)
 
 SHARDS = 16
 PURCHASE_SHA = Scripts.load().purchase.sha

@@ -10,7 +10,6 @@ import asyncio
 import contextlib
 import os
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -21,6 +20,7 @@ from aiohttp import ClientSession
 
 from gateway.orders.db import NewOrder, open_orders_db
 from gateway.relay import Verdict, judge
+from gateway.procs import free_port
 
 from .conftest import Backend, new_sku, serve
 from .delivery_fixtures import (  # noqa: F401  (fixtures)
@@ -227,7 +227,7 @@ async def test_relay_killed_mid_delivery_and_restarted(standalone: Backend, tmp_
     db_url = f"sqlite:///{tmp_path}/orders.db"
     env = {**os.environ, "SECKILL_REDIS_URL": settings.redis_url, "SECKILL_REDIS_MODE": "standalone",
            "SECKILL_KEY_PREFIX": settings.key_prefix, "SECKILL_DATABASE_URL": db_url}
-    port = _free_port()
+    port = free_port()
     with _process(["orders", "serve", "--port", str(port)], env, tmp_path / "orders.log") as orders:
         await _wait_http(f"http://127.0.0.1:{port}/healthz")
         async with serve(settings) as api, \
@@ -277,11 +277,6 @@ async def _status_is(gw, order_no: str, status: str) -> bool:
 async def _stored_count_is(service, sku: str, n: int) -> bool:
     return len(await service.db.list_orders(sku)) == n
 
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @contextlib.contextmanager
