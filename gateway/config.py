@@ -41,6 +41,12 @@ class Settings:
     admin_token: str | None = field(default=None, repr=False)
     upstream_url: str | None = None
     database_url: str = "sqlite:///./orders.db"
+    # Who may call whom (see the README's "Security"): the bundled orders service's
+    # callers, the relay's credential at the endpoint, payment notices, releases.
+    gateway_url: str | None = None
+    upstream_token: str | None = field(default=None, repr=False)
+    orders_token: str | None = field(default=None, repr=False)
+    payment_secret: str | None = field(default=None, repr=False)
     # Beyond the contract: what an operator of a shared Redis needs.
     key_prefix: str = "seckill"
     token_secret: str | None = field(default=None, repr=False)
