@@ -20,10 +20,10 @@ setup: $(BIN)/seckill-gateway
 	@scripts/ensure-redis.sh
 
 run: setup
-	$(BIN)/python -m gateway.devstack --port $(PORT)
+	$(BIN)/python -m devtools.stack --port $(PORT)
 
 run-cluster: setup
-	$(BIN)/python -m gateway.devstack --cluster --port $(PORT)
+	$(BIN)/python -m devtools.stack --cluster --port $(PORT)
 
 test: setup
 	$(BIN)/python -m pytest -q
@@ -41,7 +41,7 @@ bench-skew: setup
 	$(BIN)/python -m loadtest.bench_skew
 
 cluster: setup
-	$(BIN)/python -m gateway.devcluster
+	$(BIN)/python -m devtools.redis_cluster
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis orders.db*

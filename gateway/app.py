@@ -1,112 +1,181 @@
-"""Builds the aiohttp application: routes, the error/metrics middleware, lifecycle."""
+"""Assembles the gateway: its parts (owned by the app object, no globals), its routes
+and its background work.
+
+    http/        what clients and operators call (routes, middleware, server)
+    admission/   deciding purchases: tokens, sales, the purchase path, unit moves, sold out
+    store/       Redis: keys, scripts and their owners, the batching transport
+    delivery/    the relay that delivers admitted purchases to the seckill endpoint
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import time
-from typing import Awaitable, Callable
+import secrets
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator
 
+import orjson
 from aiohttp import web
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from .config import Settings
-from .errors import HTTP_CODES, RESPONSE_CODE, ApiError, json_response, unavailable
-from .handlers import add_routes
-from .redis_conn import RedisClient, is_redis_failure
-from .state import GATEWAY, Gateway
+from gateway.admission.moves import Rebalancer
+from gateway.admission.purchase import PurchaseService
+from gateway.admission.sales import SaleCache
+from gateway.admission.snapshot import read_sale
+from gateway.admission.soldout import SoldOut
+from gateway.admission.tokens import TokenIssuer
+from gateway.aio import cancel_and_wait
+from gateway.config import Settings
+from gateway.delivery.relay import Relay
+from gateway.http.auth import Authenticator
+from gateway.http.context import GATEWAY
+from gateway.http.middleware import METRIC_CHILDREN, guard
+from gateway.http.openapi import build as build_openapi
+from gateway.http.ratelimit import RateLimiter
+from gateway.http.routes import add_routes
+from gateway.logs import LogThrottle
+from gateway.metrics import Metrics
+from gateway.store.connection import RedisClient, connect, is_redis_failure
+from gateway.store.keys import KeySpace
+from gateway.store.scripts import purchase as purchase_script
+from gateway.store.store import Store
+from gateway.store.transport import make_batcher
 
 log = logging.getLogger("gateway")
 
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
-# (route, code) -> (requests counter, latency histogram) children, per app: labels() on
-# every request cost more than the rest of the metrics work together.
-_METRIC_CHILDREN = web.AppKey("metric_children", dict)
+@dataclass(slots=True, eq=False)
+class Gateway:
+    """Everything a request needs."""
 
+    settings: Settings
+    store: Store
+    metrics: Metrics
+    sales: SaleCache
+    sold_out: SoldOut
+    rebalancer: Rebalancer
+    purchases: PurchaseService
+    auth: Authenticator
+    user_limiter: RateLimiter
+    ip_limiter: RateLimiter
+    openapi_json: bytes
+    in_flight: int = 0
+    log_throttle: LogThrottle = field(default_factory=LogThrottle)
+    tasks: list[asyncio.Task[Any]] = field(default_factory=list)
+    relay: Relay | None = None
+    _issuer: TokenIssuer | None = None
+    _gauged: set[str] = field(default_factory=set)  # SKUs with a units_remaining series
 
-def _route_name(request: web.Request) -> str:
-    resource = request.match_info.route.resource
-    return resource.canonical if resource is not None else "unmatched"
+    @classmethod
+    def build(cls, settings: Settings, client: RedisClient | None = None) -> "Gateway":
+        client = client or connect(settings)
+        metrics = Metrics()
+        batcher = make_batcher(client, settings, on_batch=metrics.batch_size.observe,
+                               must_replicate=purchase_script.admits)
+        store = Store(client, KeySpace(settings.key_prefix), outcome_ttl=settings.idempotency_ttl,
+                      batcher=batcher)
+        sales = SaleCache(store)
+        sold_out = SoldOut(store)
+        rebalancer = Rebalancer(store, on_move=metrics.moves.inc)
+        gw = cls(settings=settings, store=store, metrics=metrics, sales=sales, sold_out=sold_out,
+                 rebalancer=rebalancer, purchases=None,  # type: ignore[arg-type]  # set below
+                 auth=Authenticator(settings.auth, settings.jwt_secret, settings.admin_token),
+                 user_limiter=RateLimiter(settings.rate_limit_user),
+                 ip_limiter=RateLimiter(settings.rate_limit_ip),
+                 openapi_json=orjson.dumps(build_openapi()))
+        gw.purchases = PurchaseService(settings, store, sales, sold_out, rebalancer, gw.token_issuer)
+        return gw
 
+    async def token_issuer(self) -> TokenIssuer:
+        """Tokens are signed with SECKILL_TOKEN_SECRET, or else with a secret kept in
+        Redis so that every worker and every restart agrees on it."""
+        if self._issuer is None:
+            secret = self.settings.token_secret or await self.store.token_secret(secrets.token_hex(32))
+            self._issuer = TokenIssuer(secret.encode(), self.settings.idempotency_ttl)
+        return self._issuer
 
-@web.middleware
-async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Every answer is JSON with a code; Redis failing is a 503, never a 500; the
-    number of requests in flight is capped so a slow Redis cannot pile them up."""
-    gw: Gateway = request.app[GATEWAY]
-    started = time.perf_counter()
-    route = _route_name(request)
-    gw.in_flight += 1
-    try:
-        if gw.in_flight > gw.settings.max_in_flight:
-            gw.metrics.shed.labels("in_flight").inc()
-            response: web.StreamResponse = unavailable("the gateway is overloaded").response()
-        else:
+    def forget_sale(self, sku: str) -> None:
+        """The sale was created or deleted here: drop what this process remembers of it."""
+        self.sales.forget(sku)
+        self.sold_out.forget(sku)
+
+    async def sale_status(self, sku: str) -> dict | None:
+        sale = await self.store.get_sale(sku)
+        if sale is None:
+            return None
+        snap = await read_sale(self.store, sale)
+        self.metrics.units_remaining.labels(sku).set(snap.remaining)
+        return {
+            "sku": sku, "stock": sale.stock, "sold": snap.sold, "remaining": snap.remaining,
+            "in_transfer": snap.in_transfer, "price": sale.price,
+            "per_user_limit": sale.per_user_limit, "sold_out": snap.sold_out,
+            "shards": [{"shard": s.shard, "remaining": s.remaining, "sold": s.sold,
+                        "transfers_out": len(s.transfers_out)} for s in snap.states],
+        }
+
+    def start_background(self) -> None:
+        self.tasks.append(asyncio.create_task(
+            self.rebalancer.sweep_forever(observe=self._show_remaining), name="transfer-sweep"))
+        if self.settings.relay and self.settings.upstream_url:
+            self.relay = Relay.from_settings(self.settings, self.metrics)
+            self.relay.start()
+
+    def _show_remaining(self, remaining: dict[str, int]) -> None:
+        gauge = self.metrics.units_remaining
+        for sku, units in remaining.items():
+            gauge.labels(sku).set(units)
+        for sku in self._gauged - remaining.keys():  # deleted sales: no stale series
+            gauge.remove(sku)
+        self._gauged = set(remaining)
+
+    async def close(self, relay_drain: float = 5.0) -> None:
+        """Stop background work (the app's cleanup: the HTTP server has drained by now)."""
+        if self.relay is not None:
+            await self._let_relay_catch_up(relay_drain)
+            await self.relay.stop()  # drains: in-flight deliveries finish and acknowledge
+            self.relay = None
+        await cancel_and_wait(self.tasks)
+        if self.store.batcher is not None:
+            await self.store.batcher.aclose()  # type: ignore[attr-defined]
+        await self.store.close()
+
+    async def _let_relay_catch_up(self, timeout: float) -> None:
+        """Before the relay stops, let it deliver what was admitted, for up to ``timeout``
+        seconds. No purchase reaches this gateway any more, so the streams empty out
+        unless the endpoint is down. Stopping at once would leave entries to the next
+        relay (those it had read but not acknowledged only after its claim timeout) and
+        may cancel a read whose entries Redis has already handed over."""
+        assert self.relay is not None
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        streams = self.relay.streams
+        left = -1
+        while True:
             try:
-                # A bound on every request: a slow or unreachable Redis (or a cluster
-                # client busy rediscovering its nodes) must not hold callers for long.
-                async with asyncio.timeout(gw.settings.request_timeout):
-                    response = await handler(request)
-            except ApiError as exc:
-                response = exc.response()
-            except web.HTTPException as exc:
-                if exc.status < 400:
-                    raise
-                code = HTTP_CODES.get(exc.status, "HTTP_ERROR")
-                response = json_response(exc.status, {"code": code, "message": exc.reason})
-            except asyncio.CancelledError:
-                raise
+                shards = await streams.shard_count(await self.store.list_sales())
+                left = await streams.backlog([self.store.keys.stream(s) for s in range(shards)])
             except Exception as exc:
                 if not is_redis_failure(exc):
-                    log.exception("unhandled error", extra={"route": route})
-                    response = json_response(500, {"code": "INTERNAL", "message": "internal error"})
-                else:
-                    kind = type(exc).__name__
-                    gw.metrics.redis_errors.labels(kind).inc()
-                    if gw.log_throttle.allow(kind):
-                        log.warning("redis failure", extra={"route": route, "error": kind,
-                                                            "detail": str(exc)[:200]})
-                    response = _unavailable_for(exc).response()
-    finally:
-        gw.in_flight -= 1
-    key = (route, _code_of(response))
-    children = request.app[_METRIC_CHILDREN]
-    pair = children.get(key)
-    if pair is None:
-        pair = children[key] = (gw.metrics.requests.labels(*key), gw.metrics.latency.labels(route))
-    pair[0].inc()
-    pair[1].observe(time.perf_counter() - started)
-    return response
-
-
-def _unavailable_for(exc: BaseException) -> ApiError:
-    """A timeout is not "nothing admitted": the script may have run after we stopped
-    waiting. Say so; the same key, sent again, returns what happened."""
-    if isinstance(exc, (asyncio.TimeoutError, RedisTimeoutError)):
-        error = unavailable("Redis did not answer in time; the purchase may have been made: "
-                            "retry with the same key to learn its outcome")
-        error.extra["outcome_unknown"] = True
-        return error
-    return unavailable()
-
-
-
-
-def _code_of(response: web.StreamResponse) -> str:
-    return response.get(RESPONSE_CODE) or str(response.status)
+                    raise
+            if left == 0:
+                return
+            if loop.time() >= deadline:
+                log.warning("relay stopping with purchases not yet delivered",
+                            extra={"backlog": left})
+                return
+            await asyncio.sleep(0.05)
 
 
 def create_app(settings: Settings, client: RedisClient | None = None) -> web.Application:
     app = web.Application(middlewares=[guard], client_max_size=settings.max_body_bytes)
     gateway = Gateway.build(settings, client)
     app[GATEWAY] = gateway
-    app[_METRIC_CHILDREN] = {}
+    app[METRIC_CHILDREN] = {}
     # Read at scrape time: nothing to keep in step on the request path.
     gateway.metrics.in_flight.set_function(lambda: gateway.in_flight)
     add_routes(app)
 
-    async def lifecycle(app: web.Application):
+    async def lifecycle(app: web.Application) -> AsyncIterator[None]:
         gateway.start_background()
         yield
         await gateway.close()

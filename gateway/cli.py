@@ -10,8 +10,9 @@ from typing import Sequence
 import orjson
 import uvloop
 
-from .config import ConfigError, Settings, load_settings
-from .logs import setup_logging
+from gateway import __version__
+from gateway.config import ConfigError, Settings, load_settings
+from gateway.logs import setup_logging
 
 
 def _settings(args: argparse.Namespace) -> Settings:
@@ -23,7 +24,7 @@ def _print(data: object) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from .server import serve_gateway
+    from gateway.http.server import serve_gateway
 
     settings = _settings(args)
     if args.no_relay:
@@ -33,29 +34,30 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_orders_serve(args: argparse.Namespace) -> int:
-    from .orders.app import serve_orders
+    from gateway.orders.app import serve_orders
 
     serve_orders(_settings(args).database_url, args.host, args.port)
     return 0
 
 
 def cmd_relay(args: argparse.Namespace) -> int:
-    from .relay import RelayConfig, run_relay
+    from gateway.delivery.relay import RelayConfig
+    from gateway.delivery.runner import run_relay
 
     settings = _settings(args)
     if not settings.upstream_url:
         print("the relay needs SECKILL_UPSTREAM_URL", file=sys.stderr)
         return 2
-    config = RelayConfig(consumer=args.consumer, concurrency=args.concurrency,
-                         claim_idle_ms=int(args.claim_idle * 1000))
+    config = RelayConfig.from_settings(settings, consumer=args.consumer,
+                                       concurrency=args.concurrency)
     uvloop.run(run_relay(settings, config))
     return 0
 
 
 def cmd_sale(args: argparse.Namespace) -> int:
-    from .keys import valid_sku
-    from .models import Sale
-    from .state import Gateway
+    from gateway.store.keys import valid_sku
+    from gateway.models import Sale
+    from gateway.app import Gateway
 
     settings = _settings(args)
     if not valid_sku(args.sku):
@@ -95,6 +97,7 @@ def cmd_sale(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="seckill-gateway", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     serve = sub.add_parser("serve", help="run the gateway")
@@ -133,8 +136,6 @@ def build_parser() -> argparse.ArgumentParser:
                        help="consumer name; a restart under the same name re-reads its own "
                             "pending entries at once (default: the host name)")
     relay.add_argument("--concurrency", type=int, default=64, help="deliveries in flight")
-    relay.add_argument("--claim-idle", type=float, default=60.0,
-                       help="seconds after which entries pending at another relay are claimed")
     relay.add_argument("--config", help="TOML file with settings")
     relay.set_defaults(func=cmd_relay)
     return parser

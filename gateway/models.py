@@ -1,10 +1,10 @@
-"""Values passed between the store, the handlers and the relay."""
+"""Values passed between the layers: a sale, a shard's state, a unit move, and an
+admitted purchase (one type from the purchase script to the orders store)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-
-from .codes import Purchase
+from typing import Any, Mapping
 
 
 @dataclass(frozen=True, slots=True)
@@ -25,22 +25,6 @@ class Sale:
         lo = self.stock * shard // self.shards + 1
         hi = self.stock * (shard + 1) // self.shards
         return lo, hi
-
-
-@dataclass(frozen=True, slots=True)
-class PurchaseReply:
-    """What ``purchase.lua`` answered, decoded."""
-
-    code: Purchase
-    order_no: str = ""
-    units: tuple[int, ...] = ()
-    amount: int = 0
-    missing: int = 0
-    # For DUPLICATE: the stored outcome of the first call with the key.
-    status: int = 0
-    outcome_code: str = ""
-    order_status: str = ""
-    same_attempt: bool = False  # DUPLICATE caused by a resend of this very call
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,29 +54,77 @@ class Transfer:
 
 
 @dataclass(frozen=True, slots=True)
-class Order:
+class Purchase:
+    """One admitted purchase, as the purchase script records it, the relay delivers it
+    and the seckill endpoint stores it. ``payload()`` is the delivery body of the
+    contract; the stream entry and the order record carry the same fields."""
+
     order_no: str
     sku: str
     user_id: int
     units: tuple[int, ...]
     quantity: int
     amount: int
-    status: str
     admitted_at: int
-    idempotency_key: str = ""
+    pay_by: int | None = None  # epoch ms; None: no payment deadline
+
+    def payload(self) -> dict[str, Any]:
+        return {"order_no": self.order_no, "sku": self.sku, "user_id": self.user_id,
+                "units": list(self.units), "quantity": self.quantity, "amount": self.amount,
+                "admitted_at": self.admitted_at, "pay_by": self.pay_by}
+
+    @classmethod
+    def from_fields(cls, fields: Mapping[str, str]) -> "Purchase | None":
+        """From a stream entry or an order record (Redis strings); None if malformed."""
+        try:
+            pay_by = fields.get("pay_by") or ""
+            return cls(fields["order_no"], fields["sku"], int(fields["user_id"]),
+                       parse_units(fields["units"]), int(fields["quantity"]),
+                       int(fields["amount"]), int(fields["admitted_at"]),
+                       int(pay_by) if pay_by else None)
+        except (KeyError, ValueError):
+            return None
+
+
+@dataclass(frozen=True, slots=True)
+class Order:
+    """The gateway's record of an admitted purchase and what became of it:
+    ``admitted`` -> ``delivered`` | ``rejected``."""
+
+    purchase: Purchase
+    status: str
+    idempotency_key: str = ""  # the Redis key of the purchase's idempotency record
     reason: str = ""
 
-    def public(self) -> dict:
-        return {
-            "order_no": self.order_no,
-            "sku": self.sku,
-            "user_id": self.user_id,
-            "units": list(self.units),
-            "quantity": self.quantity,
-            "amount": self.amount,
-            "status": self.status,
-            "admitted_at": self.admitted_at,
-        }
+    @property
+    def order_no(self) -> str:
+        return self.purchase.order_no
+
+    @property
+    def sku(self) -> str:
+        return self.purchase.sku
+
+    @property
+    def user_id(self) -> int:
+        return self.purchase.user_id
+
+    @property
+    def units(self) -> tuple[int, ...]:
+        return self.purchase.units
+
+    @classmethod
+    def from_record(cls, record: Mapping[str, str]) -> "Order":
+        purchase = Purchase.from_fields(record)
+        if purchase is None:
+            raise ValueError(f"malformed order record: {dict(record)!r}")
+        return cls(purchase, record["status"], record.get("idempotency_key", ""),
+                   record.get("reason", ""))
+
+    def public(self) -> dict[str, Any]:
+        body = self.purchase.payload()
+        del body["pay_by"]
+        body["status"] = self.status
+        return body
 
 
 def parse_units(csv: str) -> tuple[int, ...]:

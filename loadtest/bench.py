@@ -52,7 +52,7 @@ from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
-from gateway.procs import free_port
+from devtools.processes import free_port
 
 WRK_SCRIPT = Path(__file__).resolve().parent / "wrk" / "seckill.lua"
 BARE_BODY = (b'{"code":"OK","order_no":"7-0123456789abcdef0123456789abcdef","sku":"bench",'
@@ -110,9 +110,9 @@ def serve_gateway(port: int, batch: bool) -> None:
     from gateway.app import create_app
     from gateway.config import load_settings
     from gateway.logs import setup_logging
-    from gateway.redis_conn import make_batcher
-    from gateway.server import serve_app
-    from gateway.state import GATEWAY
+    from gateway.store.connection import make_batcher
+    from gateway.http.server import serve_app
+    from gateway.http.context import GATEWAY
 
     setup_logging("WARNING")
     settings = load_settings()
@@ -456,7 +456,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     use_wrk = args.generator == "wrk" or (args.generator == "auto" and shutil.which("wrk"))
     generator = run_wrk if use_wrk else run_aiohttp
 
-    from gateway.devcluster import LocalCluster
+    from devtools.redis_cluster import LocalCluster
 
     with ExitStack() as cleanup:
         workdir = Path(tempfile.mkdtemp(prefix="bench-"))

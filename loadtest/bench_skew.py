@@ -18,7 +18,7 @@ user, ``--concurrency`` in flight (an aiohttp client):
 
 Reported per shape (medians over the repetitions): requests/s over the whole run,
 latency p50/p99 of the purchases, answers by status, and the number of unit moves:
-counted in Redis (every applied move leaves its id in the receiver's ``xin`` set) and
+counted in Redis (every applied move leaves its id in the receiver's ``transfers-in`` set) and
 read from the gateway's ``seckill_unit_moves_total`` metric (0 while the gateway does
 not wire ``Rebalancer.on_move`` to ``Metrics.moves``). Each run is also checked: sold =
 min(stock, requests), every unit at most once, nothing but 200 and 410 answered.
@@ -44,8 +44,8 @@ from typing import Any
 
 from aiohttp import ClientSession, ClientTimeout, TCPConnector
 
-from gateway.devcluster import LocalCluster
-from gateway.procs import free_port
+from devtools.redis_cluster import LocalCluster
+from devtools.processes import free_port
 
 SHARDS = 16
 HOT_SHARD = 3
@@ -149,7 +149,7 @@ async def moves_in_redis(cluster: LocalCluster, gw: Gateway, sku: str) -> int:
     """Applied moves of the sale: one transfer id per move in its receiver's set."""
     client = cluster.cluster_client()
     try:
-        return sum(client.scard(f"{{{gw.prefix}:{shard}}}:xin:{sku}") for shard in range(SHARDS))
+        return sum(client.scard(f"{{{gw.prefix}:{shard}}}:transfers-in:{sku}") for shard in range(SHARDS))
     finally:
         client.close()
 

@@ -39,7 +39,7 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import Sequence
 
-from gateway.procs import free_port, stop_process
+from devtools.processes import free_port, stop_process
 
 from . import verify
 
@@ -137,7 +137,7 @@ class StandaloneRedis:
 def start_redis(args: argparse.Namespace, stack: ExitStack, processes: Processes, reports: Path) -> tuple[str, str]:
     """Start the local Redis; returns (url, mode)."""
     if args.redis == "cluster":
-        from gateway.devcluster import LocalCluster
+        from devtools.redis_cluster import LocalCluster
 
         cluster = LocalCluster(primaries=args.primaries, replicas_per_primary=args.replicas)
         log(f"starting a local Redis Cluster ({args.primaries} primaries, {args.replicas} replica(s) each)")
@@ -145,7 +145,7 @@ def start_redis(args: argparse.Namespace, stack: ExitStack, processes: Processes
         stack.callback(cluster.stop)
         return cluster.url, "cluster"
     try:
-        from gateway.devcluster import LocalRedis  # type: ignore[attr-defined]
+        from devtools.redis_cluster import LocalRedis  # type: ignore[attr-defined]
     except ImportError:
         LocalRedis = None
     if LocalRedis is not None:

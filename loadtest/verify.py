@@ -62,10 +62,10 @@ from urllib.parse import unquote, urlparse
 import orjson
 
 from gateway.config import ConfigError, Settings, load_settings
-from gateway.keys import KeySpace, shard_of_order
+from gateway.store.keys import KeySpace, shard_of_order
 from gateway.models import Order, Sale, Transfer
-from gateway.redis_conn import connect
-from gateway.store import Store, decode_order
+from gateway.store.connection import connect
+from gateway.store.store import Store
 
 LOADTEST_DIR = Path(__file__).resolve().parent
 DEFAULT_RECORD = LOADTEST_DIR / "reports" / "admitted.jsonl"
@@ -190,7 +190,7 @@ async def read_redis(store: Store, sku: str) -> Snapshot:
     calls: list[tuple[str, tuple]] = []
     for shard in range(sale.shards):
         sk = store.keys.shard(sku, shard)
-        calls += [("hmget", (sk.stock, "remaining", "sold", "ver")), ("exists", (sk.stock,)),
+        calls += [("hmget", (sk.stock, "remaining", "sold", "version")), ("exists", (sk.stock,)),
                   ("lrange", (sk.units, 0, -1)), ("hgetall", (sk.buyers,)),
                   ("smembers", (sk.order_index,)), ("hgetall", (sk.transfers_out,)),
                   ("smembers", (sk.transfers_in,))]
@@ -206,7 +206,7 @@ async def read_redis(store: Store, sku: str) -> Snapshot:
         store, [("hgetall", (store.keys.shard(sku, shard).order(order_no),)) for shard, order_no in wanted])
     for (shard, order_no), record in zip(wanted, records):
         if record:
-            snap.orders[order_no] = decode_order(record)
+            snap.orders[order_no] = Order.from_record(record)
         else:
             snap.index_without_record.append((shard, order_no))
     return snap
@@ -219,7 +219,7 @@ async def lookup_orders(store: Store, order_nos: Iterable[str]) -> dict[str, Ord
     located = [(o, shard) for o, shard in wanted if shard is not None]
     records = await _pipelined(store, [("hgetall", (store.keys.order(o, shard),)) for o, shard in located])
     for (order_no, _), record in zip(located, records):
-        found[order_no] = decode_order(record) if record else None
+        found[order_no] = Order.from_record(record) if record else None
     return found
 
 
@@ -516,9 +516,9 @@ def check_units(snap: Snapshot, acc: Accounting) -> list[Violation]:
     for shard, order_no in snap.index_without_record:
         out.append(Violation("counter_mismatch", 1, f"shard {shard}: order {order_no} indexed, record missing"))
     for order in snap.orders.values():
-        if order.sku != snap.sku or len(order.units) != order.quantity:
+        if order.sku != snap.sku or len(order.units) != order.purchase.quantity:
             out.append(Violation("counter_mismatch", 1,
-                                 f"order {order.order_no}: sku {order.sku}, quantity {order.quantity}, "
+                                 f"order {order.order_no}: sku {order.sku}, quantity {order.purchase.quantity}, "
                                  f"units {list(order.units)}"))
     return out
 

@@ -21,9 +21,10 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from gateway.app import create_app
 from gateway.config import Settings
-from gateway.devcluster import LocalCluster
-from gateway.devredis import LocalRedis
-from gateway.state import GATEWAY, Gateway
+from devtools.redis_cluster import LocalCluster
+from devtools.redis_server import LocalRedis
+from gateway.app import Gateway
+from gateway.http.context import GATEWAY
 
 # In CI a failing property is reported at once (with a blob to reproduce it), not after
 # minutes of shrinking against a real Redis.

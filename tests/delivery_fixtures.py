@@ -26,8 +26,8 @@ from gateway.config import Settings
 from gateway.models import Order
 from gateway.orders.app import create_orders_app
 from gateway.orders.db import OrdersDb, open_orders_db
-from gateway.relay import Relay, RelayConfig
-from gateway.state import Gateway
+from gateway.delivery.relay import Relay, RelayConfig
+from gateway.app import Gateway
 
 PG_URL = os.environ.get("SECKILL_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/test")
 

@@ -26,7 +26,7 @@ from typing import Iterator
 import aiohttp
 import orjson
 
-from gateway.procs import free_port, stop_process
+from devtools.processes import free_port, stop_process
 
 ADMIN_TOKEN = "failover-admin-token"
 ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from gateway.tokens import TokenIssuer
+from gateway.admission.tokens import TokenIssuer
 
 from .conftest import Api, new_sku, serve
 

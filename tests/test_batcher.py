@@ -19,17 +19,19 @@ from redis.crc import key_slot
 from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from gateway.batcher import (Batcher, ClusterBatcher, StandaloneBatcher, batcher_for,
-                             must_replicate)
-from gateway.codes import Purchase
+from gateway.store.transport import (Batcher, ClusterBatcher, StandaloneBatcher, batcher_for,
+                                     make_batcher)
+from gateway.store.scripts.purchase import Code as Purchase
 from gateway.config import Settings
-from gateway.devcluster import LocalCluster, LocalNode
-from gateway.devredis import LocalRedis
-from gateway.keys import KeySpace
+from devtools.redis_cluster import LocalCluster, LocalNode
+from devtools.redis_server import LocalRedis
+from gateway.store.keys import KeySpace
 from gateway.models import Sale
-from gateway.redis_conn import REDIS_FAILURES, connect, make_batcher
-from gateway.scripts import Script
-from gateway.store import Store
+from gateway.store.connection import REDIS_FAILURES, connect
+from gateway.store.scripts.purchase import SCRIPT as PURCHASE
+from gateway.store.scripts.purchase import admits
+from gateway.store.scripts import Script
+from gateway.store.store import Store
 
 
 # Adds ARGV[1] to the counter KEYS[1]; answers the key, the argument and the new value.
@@ -90,7 +92,7 @@ def prefix() -> str:
 @pytest_asyncio.fixture
 async def batched(client: Any) -> AsyncIterator[tuple[Batcher, Observed]]:
     observed = Observed()
-    batcher = make_batcher(client, Settings(), on_batch=observed)
+    batcher = make_batcher(client, Settings(), on_batch=observed, must_replicate=admits)
     assert batcher is not None
     yield batcher, observed
     await batcher.aclose()
@@ -268,7 +270,7 @@ async def test_store_purchases_go_through_the_batcher(client, batched) -> None:
     store = Store(client, KeySpace(f"tb{uuid.uuid4().hex[:8]}"), batcher=batcher)
     sale = Sale("sku-b", stock=1000, shards=16)
     assert await store.create_sale(sale)
-    await client.script_load(store.scripts.purchase.source)
+    await client.script_load(PURCHASE.source)
     users = range(1000, 1100)
     replies = await asyncio.gather(*(
         store.purchase(sale, user, f"key-{user}", 1, user % sale.shards) for user in users))
@@ -474,14 +476,17 @@ async def test_killed_primary_fails_its_callers_then_recovers(fault_cluster, fau
 # -- replica acknowledgements: WAIT after each pipeline -----------------------------------
 
 def test_must_replicate_holds_only_answers_that_are_200s() -> None:
-    assert must_replicate([0, "3-ab", "5", 100])  # OK: admitted
-    assert must_replicate([1, "200", "OK", "3-ab", "5", "", 0])  # the stored 200 of a key
-    assert must_replicate([1, b"200", b"OK", b"3-ab", b"5", b"", 1])
-    for other in ([1, "410", "SOLD_OUT", "", "", "", 0], [2], [3, "3-ab"], [4, "SOLD_OUT"],
+    sha = PURCHASE.sha
+    assert admits(sha, [0, "3-ab", "5", 100])  # OK: admitted
+    assert admits(sha, [1, "OK", "3-ab", "5", "", 0])  # the stored 200 of a key
+    assert admits(sha, [1, b"OK", b"3-ab", b"5", b"", 1])
+    for other in ([1, "SOLD_OUT", "", "", "", 0], [2], [3, "3-ab"], [4, "SOLD_OUT"],
                   [5, 1], [6], [7, "16"], [8, 1]):
-        assert not must_replicate(other), other
+        assert not admits(sha, other), other
     for not_a_purchase in (["k", "0", 0], [True, "x"], ["0"], [], 0, "OK", None, b"0"):
-        assert not must_replicate(not_a_purchase), not_a_purchase
+        assert not admits(sha, not_a_purchase), not_a_purchase
+    # Another script's reply is never held, whatever it looks like.
+    assert not admits("0" * 40, [0, "3-ab", "5", 100])
 
 
 async def test_without_a_replica_admitted_purchases_fail_with_a_timeout(standalone_redis,
@@ -490,14 +495,14 @@ async def test_without_a_replica_admitted_purchases_fail_with_a_timeout(standalo
     HTTP layer's 503, "retry with the same key") instead of its 200; what is not a 200
     passes, and so do other scripts' calls."""
     client = connect(_settings("standalone", standalone_redis.url))
-    acked = StandaloneBatcher(client, replica_acks=1, ack_timeout_ms=50)
+    acked = StandaloneBatcher(client, replica_acks=1, ack_timeout_ms=50, must_replicate=admits)
     plain = StandaloneBatcher(client)
     keys = KeySpace(prefix)
     store = Store(client, keys, batcher=acked)
     sale = Sale("sku-w", stock=10, shards=1)
     try:
         assert await store.create_sale(sale)
-        await client.script_load(store.scripts.purchase.source)
+        await client.script_load(PURCHASE.source)
         with pytest.raises(RedisTimeoutError, match="replication not confirmed: 0 of 1"):
             await store.purchase(sale, 7, "key-0000007", 1, 0)
         # The script ran; a resend meets the stored 200 and is held the same way.
@@ -510,7 +515,7 @@ async def test_without_a_replica_admitted_purchases_fail_with_a_timeout(standalo
         assert await counter(acked, [tagged(prefix, 0)], [2]) == [tagged(prefix, 0), "2", 2]
         # Without acknowledgements the resend gets the stored 200.
         reply = await Store(client, keys, batcher=plain).purchase(sale, 7, "key-0000007", 1, 0)
-        assert (reply.code, reply.status) == (Purchase.DUPLICATE, 200)
+        assert (reply.code, reply.outcome) == (Purchase.DUPLICATE, "OK")
         many = await asyncio.gather(*(store.purchase(sale, u, f"key-{u:07d}", 1, 0)
                                       for u in range(100, 105)), return_exceptions=True)
         assert all(isinstance(r, RedisTimeoutError) for r in many), many
@@ -532,7 +537,7 @@ async def test_with_replicas_admitted_purchases_are_answered_after_wait(local_cl
                                                                        prefix) -> None:
     client = connect(_settings("cluster", local_cluster.url))
     await client.initialize()
-    batcher = make_batcher(client, Settings(redis_mode="cluster"))  # acks: decided on connecting
+    batcher = make_batcher(client, Settings(redis_mode="cluster"), must_replicate=admits)  # acks: decided on connecting
     assert batcher is not None and batcher.replica_acks is None
     store = Store(client, KeySpace(prefix), batcher=batcher)
     sale = Sale("sku-r", stock=1000, shards=16)
@@ -545,8 +550,8 @@ async def test_with_replicas_admitted_purchases_are_answered_after_wait(local_cl
         assert batcher.replica_acks == 1  # the cluster has replicas
         assert await _wait_calls(local_cluster.primary_nodes()) > waits
         again = await store.purchase(sale, 5, "key-0000005", 1, 5)
-        assert (again.code, again.status, again.order_no) == (Purchase.DUPLICATE, 200,
-                                                              replies[5].order_no)
+        assert (again.code, again.outcome, again.order_no) == (Purchase.DUPLICATE, "OK",
+                                                               replies[5].order_no)
     finally:
         await batcher.aclose()
         await client.aclose()
@@ -554,7 +559,7 @@ async def test_with_replicas_admitted_purchases_are_answered_after_wait(local_cl
 
 async def test_standalone_default_is_no_acks(standalone_redis) -> None:
     client = connect(_settings("standalone", standalone_redis.url))
-    batcher = make_batcher(client, Settings())
+    batcher = make_batcher(client, Settings(), must_replicate=admits)
     try:
         counter = script(COUNTER_SOURCE)
         await counter(batcher, ["acks-default"], [0])
@@ -574,7 +579,7 @@ async def test_a_primary_whose_replica_stalls_gives_no_200(fault_cluster, prefix
     alive = next(n for n in fault_cluster.nodes if n.alive)
     client = connect(_settings("cluster", alive.url))
     await client.initialize()
-    batcher = ClusterBatcher(client, replica_acks=1, ack_timeout_ms=100)
+    batcher = ClusterBatcher(client, replica_acks=1, ack_timeout_ms=100, must_replicate=admits)
     store = Store(client, keys, batcher=batcher)
     sale = Sale("sku-c", stock=1000, shards=16)
     stalled = next(p for p in fault_cluster.primary_nodes() if fault_cluster.replicas_of(p))
@@ -586,7 +591,7 @@ async def test_a_primary_whose_replica_stalls_gives_no_200(fault_cluster, prefix
     assert on_stalled and healthy
     try:
         assert await store.create_sale(sale)
-        await client.script_load(store.scripts.purchase.source)
+        await client.script_load(PURCHASE.source)
         fault_cluster.pause(replica)  # back well within the node timeout
         try:
             replies = await asyncio.gather(*(store.purchase(sale, s, f"key-{s:07d}", 1, s)
@@ -600,7 +605,7 @@ async def test_a_primary_whose_replica_stalls_gives_no_200(fault_cluster, prefix
         await asyncio.to_thread(fault_cluster.wait_for_replication, 30)
         for s in on_stalled:
             again = await store.purchase(sale, s, f"key-{s:07d}", 1, s)
-            assert (again.code, again.status) == (Purchase.DUPLICATE, 200), again
+            assert (again.code, again.outcome) == (Purchase.DUPLICATE, "OK"), again
     finally:
         await batcher.aclose()
         await client.aclose()

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from gateway.codes import Compensated, Delivered
+from gateway.store.scripts.compensate import Compensated
+from gateway.store.scripts.mark_delivered import Delivered
 
 from .conftest import serve
 

@@ -7,7 +7,7 @@ import os
 import pytest
 from redis.crc import key_slot
 
-from gateway.devcluster import LocalCluster, LocalNode
+from devtools.redis_cluster import LocalCluster, LocalNode
 
 pytestmark = pytest.mark.cluster
 

@@ -35,12 +35,12 @@ import redis
 from redis.crc import key_slot
 
 from gateway.config import Settings
-from gateway.devcluster import LocalCluster
-from gateway.devredis import LocalRedis
-from gateway.keys import KeySpace
-from gateway.redis_conn import connect
-from gateway.scripts import Scripts
-from gateway.store import Store
+from devtools.redis_cluster import LocalCluster
+from devtools.redis_server import LocalRedis
+from gateway.store.keys import KeySpace
+from gateway.store.connection import connect
+from gateway.store.scripts import purchase as purchase_script
+from gateway.store.store import Store
 from loadtest import verify
 
 from .failover_fixtures import (ADMIN, Load, Service, create_sale, gateway_env, gateway_service,
@@ -48,7 +48,7 @@ from .failover_fixtures import (ADMIN, Load, Service, create_sale, gateway_env, 
 
 
 SHARDS = 16
-PURCHASE_SHA = Scripts.load().purchase.sha
+PURCHASE_SHA = purchase_script.SCRIPT.sha
 
 
 def _report(tmp_path: Path, name: str, data: dict[str, Any]) -> None:

@@ -30,7 +30,7 @@ from schemathesis.checks import (  # built-in checks, looked up by name
     response_schema_conformance, status_code_conformance,
 )
 
-from gateway.openapi import build as build_openapi
+from gateway.http.openapi import build as build_openapi
 
 from .test_observability import (
     ADMIN_TOKEN, JWT_SECRET, GatewayProcess, admin_headers, create_sale, gateway_process, http,

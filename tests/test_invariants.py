@@ -11,9 +11,9 @@ from collections import Counter, defaultdict
 import pytest
 from hypothesis import HealthCheck, given, settings as hsettings, strategies as st
 
-from gateway.errors import ApiError
+from gateway.http.errors import ApiError
 from gateway.models import Sale
-from gateway.state import Gateway
+from gateway.app import Gateway
 
 pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 

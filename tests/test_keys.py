@@ -5,7 +5,7 @@ from __future__ import annotations
 from hypothesis import given, strategies as st
 from redis.crc import key_slot
 
-from gateway.keys import KeySpace, new_order_no, shard_of, shard_of_order, valid_sku
+from gateway.store.keys import KeySpace, new_order_no, shard_of, shard_of_order, valid_sku
 from gateway.models import Sale
 
 any_text = st.text(min_size=1, max_size=80)

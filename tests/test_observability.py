@@ -31,10 +31,10 @@ from aiohttp.test_utils import TestClient, TestServer
 from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.app import create_app
-from gateway.devredis import LocalRedis
-from gateway.keys import KeySpace
-from gateway.procs import free_port
-from gateway.server import GatewayRunner
+from devtools.redis_server import LocalRedis
+from gateway.store.keys import KeySpace
+from devtools.processes import free_port
+from gateway.http.server import GatewayRunner
 
 from .delivery_fixtures import orders_service, sqlite_url, standalone, upstream  # noqa: F401  (fixtures)
 

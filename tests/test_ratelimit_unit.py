@@ -1,4 +1,4 @@
-from gateway.ratelimit import RateLimiter, retry_after
+from gateway.http.ratelimit import RateLimiter, retry_after
 
 
 def test_bucket_allows_burst_then_refills():

@@ -29,15 +29,18 @@ from hypothesis import HealthCheck, settings as hsettings, strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 from hypothesis.stateful import run_state_machine_as_test
 
-from gateway.codes import Purchase, TransferIn
+from gateway.store.scripts.purchase import Code as Purchase
+from gateway.store.scripts.transfer import Applied as TransferIn
 from gateway.config import Settings
-from gateway.keys import KeySpace, shard_of
-from gateway.models import Sale, Transfer
-from gateway.purchase import PurchaseService
-from gateway.rebalance import Rebalancer, Refill
-from gateway.redis_conn import connect
-from gateway.sales import SaleCache
-from gateway.store import Store, decode_order
+from gateway.store.keys import KeySpace, shard_of
+from gateway.models import Order, Sale, Transfer
+from gateway.admission.purchase import PurchaseService
+from gateway.admission.returns import Returns
+from gateway.admission.soldout import SoldOut
+from gateway.admission.moves import Rebalancer, Refill
+from gateway.store.connection import connect
+from gateway.admission.sales import SaleCache
+from gateway.store.store import Store
 
 from .conftest import Api, Backend, new_sku, serve
 
@@ -84,7 +87,7 @@ async def holdings(store: Store, sale: Sale) -> Holdings:
         remaining += int(stock.get("remaining", 0))
         sold_counter += int(stock.get("sold", 0))
         for order_no in await client.smembers(sk.order_index):
-            order = decode_order(await client.hgetall(sk.order(order_no)))
+            order = Order.from_record(await client.hgetall(sk.order(order_no)))
             orders.append(order)
             if order.status != "rejected":
                 sold.extend(order.units)
@@ -286,7 +289,7 @@ async def test_retry_of_a_success_after_sell_out_keeps_its_outcome(backend: Back
         assert status == 200
         assert (await api.buy(sku, 0, "winner-key-0"))[0] == 200
         assert (await api.buy(sku, 3, "late-key-3"))[0] == 410   # shard 1, now known sold out
-        assert api.gateway.sales.sold_out(sku)
+        assert api.gateway.sold_out.known(sku)
         status, again, _ = await api.buy(sku, 1, "winner-key-1")
         assert (status, again["original"]) == (409, {"status": 200, "body": first})
 
@@ -398,11 +401,11 @@ async def test_buyer_of_an_empty_shard_gets_the_units_of_a_stuck_move(backend: B
 
 CRASHING_MOVER = textwrap.dedent("""
     import asyncio, json, os, sys, time
-    import gateway.store
+    import gateway.store.store
     from gateway.config import Settings
-    from gateway.keys import KeySpace
-    from gateway.redis_conn import connect
-    from gateway.store import Store
+    from gateway.store.keys import KeySpace
+    from gateway.store.connection import connect
+    from gateway.store.store import Store
 
     # The record must look older than the gateway's sweep threshold (5 s).
     gateway.store._now_ms = lambda: int(time.time() * 1000) - 60_000
@@ -457,7 +460,7 @@ async def test_mover_killed_between_steps_is_finished_by_the_background_sweep(ba
         await assert_conserved(gw.store, sale)
 
         # The gateway's sweep loop, as started with the app, finishes it.
-        gw.tasks.append(asyncio.create_task(gw._sweep_forever()))
+        gw.tasks.append(asyncio.create_task(gw.rebalancer.sweep_forever()))
         for _ in range(200):
             view = await api.sale(sku)
             if view["shards"][6]["transfers_out"] == 0:
@@ -529,8 +532,10 @@ class MoveMachine(RuleBasedStateMachine):
         self.store = Store(connect(self.settings), KeySpace(self.settings.key_prefix))
         self.sale = Sale(new_sku(), STOCK, per_user_limit=LIMIT, shards=SHARDS)
         self.rebalancer = Rebalancer(self.store)
+        self.returns = Returns(self.store, SoldOut(self.store))
         self.service = PurchaseService(self.settings.replace(key_mode="client"), self.store,
-                                       SaleCache(self.store), self.rebalancer, None)  # type: ignore[arg-type]
+                                       SaleCache(self.store), self.returns.sold_out,
+                                       self.rebalancer, None)  # type: ignore[arg-type]
         self.transfers: list[Transfer] = []     # out, maybe in, not done
         self.applied: set[str] = set()
         self.given: dict[str, tuple[int, ...]] = {}   # order_no -> units, every admitted order
@@ -648,7 +653,7 @@ class MoveMachine(RuleBasedStateMachine):
     def compensate(self, pick):
         order_no = list(self.given)[pick % len(self.given)]  # order numbers are random: pick by age
         order = self.run(self.store.get_order(order_no))
-        self.run(self.store.compensate(order, "refused upstream"))
+        self.run(self.returns.reject(order, "refused upstream"))
 
     @invariant()
     def conserved(self):

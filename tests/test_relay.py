@@ -19,8 +19,8 @@ import pytest
 from aiohttp import ClientSession
 
 from gateway.orders.db import NewOrder, open_orders_db
-from gateway.relay import Verdict, judge
-from gateway.procs import free_port
+from gateway.delivery.endpoint import Verdict, judge
+from devtools.processes import free_port
 
 from .conftest import Backend, new_sku, serve
 from .delivery_fixtures import (  # noqa: F401  (fixtures)

@@ -18,8 +18,8 @@ from typing import Iterable
 
 import pytest
 
-from gateway.keys import new_order_no, shard_of_order
-from gateway.models import Order, Transfer
+from gateway.store.keys import new_order_no, shard_of_order
+from gateway.models import Order, Purchase, Transfer
 from loadtest import verify
 from loadtest.verify import Snapshot, Violation, check, collect
 
@@ -120,8 +120,8 @@ def make_db(path: Path, orders: Iterable[Order], *, unique: bool = True,
     for o in orders:
         conn.execute("INSERT INTO orders (order_no, sku, user_id, quantity, amount, units, admitted_at) "
                      "VALUES (?, ?, ?, ?, ?, ?, ?)",
-                     (o.order_no, o.sku, o.user_id, o.quantity, o.amount, ",".join(map(str, o.units)),
-                      o.admitted_at))
+                     (o.order_no, o.sku, o.user_id, o.purchase.quantity, o.purchase.amount, ",".join(map(str, o.units)),
+                      o.purchase.admitted_at))
         conn.executemany("INSERT INTO order_units (sku, unit, order_no) VALUES (?, ?, ?)",
                          [(o.sku, u, o.order_no) for u in o.units])
     conn.executemany("INSERT INTO order_units (sku, unit, order_no) VALUES (?, ?, ?)", list(extra_units))
@@ -354,7 +354,7 @@ async def test_catches_a_db_order_redis_never_admitted(api: Api, sku: str, tmp_p
     orders = await run.orders()
     sold = {u for o in orders for u in o.units}
     free_unit = next(u for u in range(1, 21) if u not in sold)
-    stranger = Order(new_order_no(0), sku, 424242, (free_unit,), 1, 0, "admitted", 0)
+    stranger = Order(Purchase(new_order_no(0), sku, 424242, (free_unit,), 1, 0, 0), "admitted")
     violations = check(await run.snapshot(make_db(tmp_path / "orders.db", [*orders, stranger])))
     assert "db_unit_not_admitted" in kinds(violations), violations
 

@@ -20,9 +20,9 @@ import orjson
 import uvloop
 from aiohttp import web
 
-from ..errors import HTTP_CODES, ApiError, bad_request, json_response, unavailable
-from ..keys import MAX_USER_ID, valid_sku
-from .db import (Insert, NewOrder, OrdersDb, Payment, PaymentNotice, Ship, StoredOrder,
+from gateway.http.errors import HTTP_CODES, ApiError, bad_request, json_response, unavailable
+from gateway.store.keys import MAX_USER_ID, valid_sku
+from gateway.orders.db import (Insert, NewOrder, OrdersDb, Payment, PaymentNotice, Ship, StoredOrder,
                  open_orders_db)
 
 log = logging.getLogger("gateway.orders")
@@ -217,6 +217,6 @@ def create_orders_app(db: OrdersDb) -> web.Application:
 
 def serve_orders(database_url: str, host: str, port: int) -> None:
     """Run the service until SIGTERM/SIGINT (``seckill-gateway orders serve``)."""
-    from ..server import serve_app
+    from gateway.http.server import serve_app
 
     uvloop.run(serve_app(create_orders_app(open_orders_db(database_url)), host, port))

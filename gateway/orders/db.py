@@ -295,14 +295,14 @@ def open_orders_db(database_url: str) -> OrdersDb:
     """The store for ``sqlite:///path`` (``sqlite:///:memory:``) or ``postgresql://…``.
     Query parameters of a PostgreSQL URL are server settings (``?search_path=s``)."""
     if database_url.startswith("sqlite://"):
-        from .sqlite import SqliteOrders
+        from gateway.orders.sqlite import SqliteOrders
 
         path = database_url.removeprefix("sqlite://")
         if not path.startswith("/"):
             raise ValueError("SQLite URLs look like sqlite:///relative.db or sqlite:////abs/path.db")
         return SqliteOrders(path[1:] or ":memory:")
     if database_url.startswith(("postgresql://", "postgres://")):
-        from .postgres import PostgresOrders
+        from gateway.orders.postgres import PostgresOrders
 
         return PostgresOrders(database_url)
     raise ValueError("SECKILL_DATABASE_URL must start with sqlite:// or postgresql://")

@@ -14,7 +14,7 @@ from typing import Any, AsyncIterator, Iterable, Sequence
 
 import asyncpg
 
-from .db import OrdersDb, Row, schema
+from gateway.orders.db import OrdersDb, Row, schema
 
 SCHEMA = schema("TIMESTAMPTZ NOT NULL DEFAULT now()")
 

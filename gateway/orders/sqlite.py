@@ -17,7 +17,7 @@ from typing import Any, AsyncIterator, Iterable, Sequence
 
 import aiosqlite
 
-from .db import OrdersDb, Row, schema
+from gateway.orders.db import OrdersDb, Row, schema
 
 SCHEMA = schema("TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ', 'now'))")
 

@@ -1,0 +1,106 @@
+"""The whole stack on one machine, for trying the gateway out: a private Redis
+(standalone, or a local Cluster with ``--cluster``), the bundled orders service on
+SQLite, and the gateway with its relay delivering to it. Ctrl-C stops everything.
+
+    python -m devtools.stack [--port 8080] [--cluster]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Sequence
+
+from devtools.redis_cluster import LocalCluster
+from devtools.redis_server import LocalRedis
+from devtools.processes import stop_process
+
+DEV_ADMIN_TOKEN = "dev-admin-token"
+
+
+def _wait_http(url: str, timeout: float = 30.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(url, timeout=1) as resp:
+                if resp.status < 500:
+                    return True
+        except OSError:
+            time.sleep(0.1)
+    return False
+
+
+def _spawn(args: list[str], env: dict[str, str]) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "gateway", *args], env=env,
+                            stdin=subprocess.DEVNULL)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m devtools.stack", description=__doc__)
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8080, help="gateway port")
+    parser.add_argument("--orders-port", type=int, default=8081, help="orders service port")
+    parser.add_argument("--cluster", action="store_true", help="a local Redis Cluster (3+3 nodes)")
+    parser.add_argument("--database-url", default=None,
+                        help="orders store [a new SQLite file under .run/ for each run: the "
+                             "Redis is new too, and old orders would hold its unit numbers]")
+    args = parser.parse_args(argv)
+
+    if args.database_url is None:
+        run_dir = Path(".run")
+        run_dir.mkdir(exist_ok=True)
+        args.database_url = f"sqlite:///{run_dir.resolve()}/orders-{time.strftime('%Y%m%d-%H%M%S')}.db"
+    stopping = False
+
+    def on_signal(signum: int, frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+
+    with ExitStack() as stack:
+        if args.cluster:
+            redis_url, mode = stack.enter_context(LocalCluster()).url, "cluster"
+        else:
+            redis_url, mode = stack.enter_context(LocalRedis()).url, "standalone"
+        env = {
+            **os.environ,
+            "SECKILL_REDIS_URL": redis_url,
+            "SECKILL_REDIS_MODE": mode,
+            "SECKILL_ADMIN_TOKEN": os.environ.get("SECKILL_ADMIN_TOKEN", DEV_ADMIN_TOKEN),
+            "SECKILL_UPSTREAM_URL": f"http://{args.host}:{args.orders_port}/orders",
+            "SECKILL_DATABASE_URL": args.database_url,
+        }
+        orders = _spawn(["orders", "serve", "--host", args.host, "--port", str(args.orders_port)], env)
+        stack.callback(stop_process, orders)
+        gateway = _spawn(["serve", "--host", args.host, "--port", str(args.port)], env)
+        stack.callback(stop_process, gateway)
+        base = f"http://{args.host}:{args.port}"
+        if not _wait_http(f"{base}/healthz"):
+            print("the gateway did not come up", file=sys.stderr)
+            return 1
+        _wait_http(f"http://{args.host}:{args.orders_port}/healthz", timeout=10)
+        print(f"""
+seckill stack up: Redis {mode} at {redis_url}
+  gateway         {base}   (admin token: {env['SECKILL_ADMIN_TOKEN']})
+  orders service  http://{args.host}:{args.orders_port}   ({args.database_url})
+Try the README's curl sequence; Ctrl-C stops everything.
+""", flush=True)
+        while not stopping:
+            if gateway.poll() is not None or orders.poll() is not None:
+                print("a child process exited; stopping", file=sys.stderr)
+                return 1
+            time.sleep(0.2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,90 @@
+"""The purchase path: from a validated request to the outcome the client gets.
+
+    http.public.seckill -> PurchaseService.buy -> Store.purchase -> purchase.lua
+
+One script call admits or refuses on the buyer's shard. When the shard is short, units
+move to it from other shards (``admission.moves``) and the call is made again; only a
+consistent read of the whole sale lets it record ``SOLD_OUT`` (``admission.soldout``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from dataclasses import dataclass
+from typing import Awaitable, Callable
+
+from gateway.admission.moves import Rebalancer, Refill
+from gateway.admission.outcomes import Outcome, render
+from gateway.admission.sales import SaleCache
+from gateway.admission.soldout import SoldOut
+from gateway.admission.tokens import TokenIssuer
+from gateway.config import Settings
+from gateway.http.errors import ApiError, bad_request, unavailable
+from gateway.models import Sale
+from gateway.store.keys import shard_of
+from gateway.store.scripts.purchase import Code
+from gateway.store.store import Store
+
+MAX_ATTEMPTS = 16
+
+# What a shard that is short records once a refill has looked at the whole sale.
+SHORT_OUTCOME = {Refill.SOLD_OUT: "SOLD_OUT", Refill.INSUFFICIENT: "INSUFFICIENT_STOCK"}
+
+
+@dataclass(slots=True)
+class PurchaseService:
+    settings: Settings
+    store: Store
+    sales: SaleCache
+    sold_out: SoldOut
+    rebalancer: Rebalancer
+    token_issuer: Callable[[], Awaitable[TokenIssuer]]
+
+    async def buy(self, user_id: int, sku: str, key: str, quantity: int) -> Outcome:
+        sale = await self.sales.get(sku)
+        if sale is None:
+            raise ApiError(404, "SALE_NOT_FOUND", "no sale for this SKU")
+        if quantity > sale.per_user_limit:
+            raise bad_request(f"quantity must be between 1 and {sale.per_user_limit}")
+        if self.settings.key_mode == "token" and not (await self.token_issuer()).verify(key, user_id):
+            raise ApiError(403, "TOKEN_INVALID", "the key is not a token issued to you, or it expired")
+        return await self._admit(sale, user_id, key, quantity)
+
+    async def _admit(self, sale: Sale, user_id: int, key: str, quantity: int) -> Outcome:
+        # What to record when the shard is short: nothing yet (ask for units), unless the
+        # whole sale is known to be empty.
+        short_outcome = "SOLD_OUT" if self.sold_out.known(sale.sku) else ""
+        for attempt in range(MAX_ATTEMPTS):
+            shard = shard_of(user_id, sale.shards)
+            reply = await self.store.purchase(sale, user_id, key, quantity, shard, short_outcome)
+            code = reply.code
+            if code is Code.NEED_UNITS:
+                if await self.sold_out.flagged(sale.sku):
+                    # Known sold out (set after a consistent read of every shard, cleared
+                    # when units come back): no need to look again.
+                    short_outcome = "SOLD_OUT"
+                    continue
+                refill = await self.rebalancer.refill(sale, shard, quantity)
+                if refill is Refill.SOLD_OUT:
+                    await self.sold_out.confirm(sale.sku)
+                short_outcome = SHORT_OUTCOME.get(refill, "")
+                if refill is Refill.RETRY or attempt >= 2:
+                    # Near the end of a sale, crowds on several shards pull the last
+                    # units back and forth; a short random pause lets one of them win.
+                    await asyncio.sleep(random.uniform(0, min(0.05, 0.002 * 2 ** attempt)))
+                continue
+            if code is Code.SHARDS_MISMATCH or code is Code.SALE_NOT_FOUND:
+                # The sale was deleted (and maybe created again) since we cached it.
+                self.sales.forget(sale.sku)
+                fresh = await self.sales.get(sale.sku)
+                if fresh is None or code is Code.SALE_NOT_FOUND and fresh == sale:
+                    raise ApiError(404, "SALE_NOT_FOUND", "no sale for this SKU")
+                sale = fresh
+                continue
+            # A SOLD_OUT reply does not renew the sold-out memory: only a refill's check
+            # of every shard does. It may answer a quantity the sale cannot fill while
+            # units are left (Refill.INSUFFICIENT), and renewed by every such reply the
+            # memory would outlive units given back by a compensation.
+            return render(reply, sale, user_id, self.settings.duplicate_response)
+        raise unavailable("the sale is busy moving units; retry with the same key")

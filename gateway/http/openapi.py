@@ -1,0 +1,152 @@
+"""The gateway's OpenAPI 3.0 document, served at ``/openapi.json`` (and used to fuzz it)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from gateway import __version__
+
+_ERROR = {"$ref": "#/components/schemas/Error"}
+
+
+def _answer(description: str, schema: dict | None = None, headers: dict | None = None) -> dict:
+    body: dict[str, Any] = {"description": description,
+                            "content": {"application/json": {"schema": schema or _ERROR}}}
+    if headers:
+        body["headers"] = headers
+    return body
+
+
+_RETRY_AFTER = {"Retry-After": {"schema": {"type": "integer", "minimum": 1}}}
+_RATE_LIMITED = _answer("RATE_LIMITED", headers=_RETRY_AFTER)
+# Any route, when more requests are in flight than SECKILL_MAX_IN_FLIGHT.
+_OVERLOADED = _answer("UNAVAILABLE: the gateway is overloaded", headers=_RETRY_AFTER)
+_TOO_LARGE = _answer("PAYLOAD_TOO_LARGE: the body is over SECKILL_MAX_BODY_BYTES")
+_KEY = {"type": "string", "pattern": "^[A-Za-z0-9_.-]{1,128}$"}
+
+# The bounds the handlers enforce (gateway.handlers uses these): documented so that
+# generated valid input is valid.
+MAX_STOCK = 10_000_000
+MAX_PRICE = 2**40
+MAX_LIMIT = 1_000
+MAX_SHARDS = 1024
+_SKU = {"name": "sku", "in": "path", "required": True,
+        "schema": {"type": "string", "pattern": "^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$"}}
+_USER = {"name": "X-User-Id", "in": "header", "required": True,
+         "schema": {"type": "string", "pattern": "^[0-9]{1,19}$"},
+         "description": "the caller, set by a trusted auth proxy (SECKILL_AUTH=header)"}
+_ADMIN = [{"admin": []}]
+
+
+def build() -> dict[str, Any]:
+    common = {
+        "400": _answer("malformed request"),
+        "401": _answer("no valid identity"),
+        "503": _answer("Redis unreachable or overloaded; nothing admitted", headers=_RETRY_AFTER),
+    }
+    return {
+        "openapi": "3.0.3",
+        "info": {"title": "seckill-gateway", "version": __version__,
+                 "description": "An idempotent flash-sale gateway."},
+        "paths": {
+            "/api/token": {
+                "get": {"operationId": "getToken", "parameters": [_USER],
+                        "responses": {"200": _answer("a one-time token", {"$ref": "#/components/schemas/Token"}),
+                                      "429": _RATE_LIMITED, **common}},
+                "post": {"operationId": "postToken", "parameters": [_USER],
+                         "responses": {"200": _answer("a one-time token", {"$ref": "#/components/schemas/Token"}),
+                                       "429": _RATE_LIMITED, **common}},
+            },
+            "/api/seckill/{sku}": {
+                "post": {
+                    "operationId": "buy",
+                    "parameters": [
+                        _SKU, _USER,
+                        {"name": "X-Idempotency-Key", "in": "header", "required": False,
+                         "schema": _KEY,
+                         "description": "a token from /api/token (SECKILL_KEY_MODE=token) or a "
+                                        "client-made key of 8-128 chars [A-Za-z0-9_-] (client); "
+                                        "one of the two key headers is required"},
+                        {"name": "Idempotency-Key", "in": "header", "required": False,
+                         "schema": _KEY, "description": "read when X-Idempotency-Key is absent"},
+                    ],
+                    "requestBody": {"required": False, "content": {"application/json": {"schema": {
+                        "type": "object", "additionalProperties": False,
+                        "properties": {"quantity": {"type": "integer", "minimum": 1,
+                                                    "maximum": MAX_LIMIT}}}}}},
+                    "responses": {
+                        "200": _answer("admitted", {"$ref": "#/components/schemas/Admitted"}),
+                        "403": _answer("TOKEN_INVALID"),
+                        "404": _answer("SALE_NOT_FOUND"),
+                        "409": _answer("IDEMPOTENT_CONFLICT or ALREADY_PURCHASED"),
+                        "410": _answer("SOLD_OUT"),
+                        "413": _TOO_LARGE,
+                        "422": _answer("IDEMPOTENCY_KEY_REUSED"),
+                        "429": _RATE_LIMITED,
+                        **common,
+                    },
+                },
+            },
+            "/api/orders/{order_no}": {
+                "get": {"operationId": "getOrder",
+                        "parameters": [{"name": "order_no", "in": "path", "required": True,
+                                        "schema": {"type": "string"}}, _USER],
+                        "responses": {"200": _answer("the order", {"$ref": "#/components/schemas/Order"}),
+                                      "404": _answer("ORDER_NOT_FOUND"), **common}},
+            },
+            "/admin/sales/{sku}": {
+                "put": {"operationId": "createSale", "security": _ADMIN, "parameters": [_SKU],
+                        "requestBody": {"required": True, "content": {"application/json": {
+                            "schema": {"$ref": "#/components/schemas/NewSale"}}}},
+                        "responses": {"201": _answer("created", {"type": "object"}),
+                                      "403": _answer("admin API disabled"),
+                                      "409": _answer("SALE_EXISTS"), "413": _TOO_LARGE,
+                                      **common}},
+                "get": {"operationId": "getSale", "security": _ADMIN, "parameters": [_SKU],
+                        "responses": {"200": _answer("the sale", {"type": "object"}),
+                                      "403": _answer("admin API disabled"),
+                                      "404": _answer("SALE_NOT_FOUND"), **common}},
+                "delete": {"operationId": "deleteSale", "security": _ADMIN, "parameters": [_SKU],
+                           "responses": {"204": {"description": "deleted"},
+                                         "403": _answer("admin API disabled"),
+                                         "404": _answer("SALE_NOT_FOUND"), **common}},
+            },
+            "/healthz": {"get": {"operationId": "health", "responses": {
+                "200": _answer("Redis answers", {"type": "object"}),
+                "503": _answer("Redis unreachable", headers=_RETRY_AFTER)}}},
+            "/metrics": {"get": {"operationId": "metrics", "responses": {
+                "200": {"description": "Prometheus text format",
+                        "content": {"text/plain": {"schema": {"type": "string"}}}},
+                "503": _OVERLOADED}}},
+            "/openapi.json": {"get": {"operationId": "openapi", "responses": {
+                "200": _answer("this document", {"type": "object"}), "503": _OVERLOADED}}},
+        },
+        "components": {
+            "securitySchemes": {"admin": {"type": "http", "scheme": "bearer"}},
+            "schemas": {
+                "Error": {"type": "object", "required": ["code"],
+                          "properties": {"code": {"type": "string"}, "message": {"type": "string"}}},
+                "Token": {"type": "object", "required": ["code", "token", "expires_in"],
+                          "properties": {"code": {"type": "string"}, "token": {"type": "string"},
+                                         "expires_in": {"type": "integer"}}},
+                "Admitted": {"type": "object", "required": ["code", "order_no", "sku", "user_id", "units"],
+                             "properties": {"code": {"type": "string"}, "order_no": {"type": "string"},
+                                            "sku": {"type": "string"}, "user_id": {"type": "integer"},
+                                            "units": {"type": "array", "items": {"type": "integer"}}}},
+                "Order": {"type": "object", "required": ["order_no", "sku", "user_id", "units", "status"],
+                          "properties": {"order_no": {"type": "string"}, "sku": {"type": "string"},
+                                         "user_id": {"type": "integer"},
+                                         "units": {"type": "array", "items": {"type": "integer"}},
+                                         "status": {"type": "string",
+                                                    "enum": ["admitted", "delivered", "rejected"]}}},
+                "NewSale": {"type": "object", "required": ["stock"], "additionalProperties": False,
+                            "properties": {"stock": {"type": "integer", "minimum": 1, "maximum": MAX_STOCK},
+                                           "price": {"type": "integer", "minimum": 0, "maximum": MAX_PRICE,
+                                                     "description": "minor units"},
+                                           "per_user_limit": {"type": "integer", "minimum": 1,
+                                                              "maximum": MAX_LIMIT},
+                                           "shards": {"type": "integer", "minimum": 1,
+                                                      "maximum": MAX_SHARDS}}},
+            },
+        },
+    }

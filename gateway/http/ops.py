@@ -1,0 +1,23 @@
+"""What operators and tools read: health, metrics, the OpenAPI document."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from gateway.http.context import gateway_of
+from gateway.http.errors import json_response
+from gateway.metrics import CONTENT_TYPE
+
+
+async def healthz(request: web.Request) -> web.Response:
+    await gateway_of(request).store.ping()
+    return json_response(200, {"code": "OK", "redis": "up"})
+
+
+async def openapi(request: web.Request) -> web.Response:
+    return web.Response(body=gateway_of(request).openapi_json, content_type="application/json")
+
+
+async def metrics(request: web.Request) -> web.Response:
+    return web.Response(body=gateway_of(request).metrics.render(),
+                        headers={"Content-Type": CONTENT_TYPE})

@@ -1,0 +1,125 @@
+"""Key layout and sharding: which Redis keys one purchase touches, and where they sit.
+
+Every key of one shard starts with the shard's hash tag, ``{<prefix>:<shard>}``. The
+tag is built from the configured prefix and the shard number only; user-supplied text
+(SKUs, idempotency keys, user ids) comes after it. Redis hashes the first ``{...}`` of
+a key, so a ``{`` or ``}`` in user text can neither move a key to another slot nor
+split one purchase over two slots.
+
+A user belongs to shard ``user_id % shards``; the shard count is fixed per sale when
+the sale is created. The tag does not name the SKU, so one user's idempotency records
+for all sales with the same shard count share a slot with each purchase they guard:
+a key used for one SKU is seen as reused when sent for another.
+"""
+
+from __future__ import annotations
+
+import re
+import secrets
+from dataclasses import dataclass
+
+SKU_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}")
+CLIENT_KEY_RE = re.compile(r"[A-Za-z0-9_-]{8,128}")
+ORDER_NO_RE = re.compile(r"(\d{1,4})-[0-9a-f]{32}")
+MAX_USER_ID = 2**63
+
+
+def valid_sku(sku: str) -> bool:
+    return SKU_RE.fullmatch(sku) is not None
+
+
+def shard_of(user_id: int, shards: int) -> int:
+    return user_id % shards
+
+
+def new_order_no(shard: int) -> str:
+    """An order number that names its shard (so a lookup finds its slot) and is
+    random, so a Redis failover that loses a counter can never issue one twice."""
+    return f"{shard}-{secrets.token_hex(16)}"
+
+
+def shard_of_order(order_no: str) -> int | None:
+    match = ORDER_NO_RE.fullmatch(order_no)
+    return int(match.group(1)) if match else None
+
+
+@dataclass(frozen=True, slots=True)
+class ShardKeys:
+    """The keys of one sale in one shard."""
+
+    tag: str
+    sku: str
+    shard: int
+
+    @property
+    def stock(self) -> str:
+        return f"{self.tag}:stock:{self.sku}"
+
+    @property
+    def units(self) -> str:
+        return f"{self.tag}:units:{self.sku}"
+
+    @property
+    def buyers(self) -> str:
+        return f"{self.tag}:buyers:{self.sku}"
+
+    @property
+    def order_index(self) -> str:
+        return f"{self.tag}:orders:{self.sku}"
+
+    @property
+    def transfers_out(self) -> str:
+        return f"{self.tag}:transfers-out:{self.sku}"
+
+    @property
+    def transfers_in(self) -> str:
+        return f"{self.tag}:transfers-in:{self.sku}"
+
+    @property
+    def stream(self) -> str:
+        return f"{self.tag}:purchases"
+
+    def order(self, order_no: str) -> str:
+        return f"{self.tag}:order:{order_no}"
+
+    def idempotency(self, user_id: int, key: str) -> str:
+        return f"{self.tag}:idem:{user_id}:{key}"
+
+    def sale_keys(self) -> tuple[str, ...]:
+        """Every per-sale key of this shard (orders and idempotency records aside)."""
+        return (self.stock, self.units, self.buyers, self.order_index,
+                self.transfers_out, self.transfers_in)
+
+
+@dataclass(frozen=True, slots=True)
+class KeySpace:
+    prefix: str
+
+    def tag(self, shard: int) -> str:
+        return f"{{{self.prefix}:{shard}}}"
+
+    def shard(self, sku: str, shard: int) -> ShardKeys:
+        return ShardKeys(self.tag(shard), sku, shard)
+
+    def stream(self, shard: int) -> str:
+        return f"{self.tag(shard)}:purchases"
+
+    def order(self, order_no: str, shard: int) -> str:
+        return f"{self.tag(shard)}:order:{order_no}"
+
+    def sale(self, sku: str) -> str:
+        """The sale's registry record (one key, never used with others in a script)."""
+        return f"{self.prefix}:sale:{sku}"
+
+    def sold_out(self, sku: str) -> str:
+        """Set while the whole sale is known to have no units left."""
+        return f"{self.prefix}:soldout:{sku}"
+
+    @property
+    def sales(self) -> str:
+        """Hash: sku -> shard count, of every sale (the relay finds its streams here)."""
+        return f"{self.prefix}:sales"
+
+    @property
+    def token_secret(self) -> str:
+        return f"{self.prefix}:token-secret"
