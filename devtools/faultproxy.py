@@ -586,16 +586,18 @@ class FaultProxy:
 
     async def stop(self) -> None:
         """Stop listening, reset every open connection and wait for all its tasks."""
-        if self._server is not None:
-            self._server.close()
-            await self._server.wait_closed()
-            self._server = None
+        server, self._server = self._server, None
+        if server is not None:
+            server.close()
         for link in list(self._links):
             link.abort()
         tasks = list(self._tasks)
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        if server is not None:
+            # Last: from Python 3.12 on it also waits for the accepted connections.
+            await server.wait_closed()
 
     async def __aenter__(self) -> FaultProxy:
         await self.start()
