@@ -71,6 +71,9 @@ class LocalNode:
     process: subprocess.Popen[bytes] | None = field(default=None, repr=False)
     node_id: str = ""
     paused: bool = False
+    # Port the node tells clients (cluster-announce-port), e.g. a fault proxy's in
+    # front of it; 0: its own. Passed again at restart, which forgets CONFIG SET.
+    announce_port: int = 0
 
     @property
     def pid(self) -> int | None:
@@ -346,7 +349,7 @@ class LocalCluster:
         alive = [n for n in self.nodes if n.alive]
         if not alive:
             return "no alive nodes"
-        alive_ports = {n.port for n in alive}
+        alive_ports = {n.port for n in alive} | {n.announce_port for n in alive if n.announce_port}
         views: dict[int, tuple[Any, Any]] = {}
         for node in alive:
             try:
@@ -430,6 +433,8 @@ class LocalCluster:
             except redis.RedisError as exc:
                 return f"{node.address}: {exc!r}"
             offsets[node.port] = int(info.get("master_repl_offset", 0))
+            if node.announce_port:  # replicas of an announced node connect there
+                offsets[node.announce_port] = offsets[node.port]
             if info.get("role") == "slave":
                 replicas.append(
                     (node, int(info["master_port"]), int(info.get("slave_repl_offset", -1)))
@@ -479,6 +484,11 @@ class LocalCluster:
             "--enable-debug-command", "local",
             *self.extra_args,
         ]  # fmt: skip
+        if node.announce_port:
+            args += [
+                "--cluster-announce-port", str(node.announce_port),
+                "--cluster-announce-bus-port", str(node.port + _BUS_PORT_OFFSET),
+            ]  # fmt: skip
         with open(node.log_path, "ab") as log:
             node.process = subprocess.Popen(
                 args,
