@@ -11,6 +11,7 @@ import secrets
 from dataclasses import dataclass, field
 
 from ..config import ENV_PREFIX, ConfigError, Settings
+from .signing import TOLERANCE
 
 #: The settings a development run makes up when they are missing.
 DEV_SECRETS = ("orders_token", "payment_secret")
@@ -41,7 +42,7 @@ class OrdersConfig:
     admin_token: str | None = field(default=None, repr=False)
     expire_every: float = 1.0    # seconds between looks for orders past their pay_by
     expire_batch: int = 500      # orders expired per transaction
-    signature_tolerance: int = 300
+    signature_tolerance: int = TOLERANCE  # seconds a notice's t may be off our clock
     releases: ReleaseConfig = ReleaseConfig()
 
     def __post_init__(self) -> None:
