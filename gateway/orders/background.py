@@ -72,9 +72,9 @@ class ReleaseSender:
         claimed = await self.db.claim_releases(now_ms(), lease_ms, self.config.batch)
         results = await asyncio.gather(*(self._deliver(r) for r in claimed), return_exceptions=True)
         for release, result in zip(claimed, results):
-            if isinstance(result, Exception) and self._throttle.allow("release-record"):
-                # The lease runs out and the release is sent again: nothing is lost.
-                log.warning("could not record a release's outcome", extra={
+            if isinstance(result, Exception) and self._throttle.allow("release-failed"):
+                # The row keeps its lease, which runs out: the release is sent again.
+                log.warning("a release attempt failed; retried after its lease", extra={
                     "order_no": release.order_no, "error": repr(result)})
         return len(claimed)
 
