@@ -24,7 +24,7 @@ through thread-safe :class:`ProxyHandle` objects. Clients need no callback: they
 connect to the proxies' ports.
 
 For a Redis Cluster, :class:`ProxiedCluster` puts a proxy in front of every node of
-a :class:`gateway.devcluster.LocalCluster` and makes each node *announce* its
+a :class:`devtools.redis_cluster.LocalCluster` and makes each node *announce* its
 proxy's port (``cluster-announce-port``) so that CLUSTER SLOTS, CLUSTER NODES,
 MOVED and ASK send clients to the proxies; the cluster bus keeps the real ports.
 Replicas then replicate through their primary's proxy too (Redis gives a replica
@@ -51,7 +51,7 @@ import redis
 import redis.cluster
 from redis.crc import key_slot
 
-from gateway.devcluster import LocalCluster, LocalNode
+from devtools.redis_cluster import LocalCluster, LocalNode
 
 __all__ = [
     "FaultProxy",

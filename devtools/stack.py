@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -71,6 +72,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             redis_url, mode = stack.enter_context(LocalCluster()).url, "cluster"
         else:
             redis_url, mode = stack.enter_context(LocalRedis()).url, "standalone"
+        base = f"http://{args.host}:{args.port}"
+        orders_token = os.environ.get("SECKILL_ORDERS_TOKEN") or secrets.token_urlsafe(16)
         env = {
             **os.environ,
             "SECKILL_REDIS_URL": redis_url,
@@ -78,12 +81,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             "SECKILL_ADMIN_TOKEN": os.environ.get("SECKILL_ADMIN_TOKEN", DEV_ADMIN_TOKEN),
             "SECKILL_UPSTREAM_URL": f"http://{args.host}:{args.orders_port}/orders",
             "SECKILL_DATABASE_URL": args.database_url,
+            # Development secrets, made up for this run and printed below: the orders
+            # service refuses to start without them.
+            "SECKILL_ORDERS_TOKEN": orders_token,
+            "SECKILL_UPSTREAM_TOKEN": orders_token,
+            "SECKILL_PAYMENT_SECRET": (os.environ.get("SECKILL_PAYMENT_SECRET")
+                                       or secrets.token_urlsafe(16)),
+            "SECKILL_GATEWAY_URL": base,
         }
         orders = _spawn(["orders", "serve", "--host", args.host, "--port", str(args.orders_port)], env)
         stack.callback(stop_process, orders)
         gateway = _spawn(["serve", "--host", args.host, "--port", str(args.port)], env)
         stack.callback(stop_process, gateway)
-        base = f"http://{args.host}:{args.port}"
         if not _wait_http(f"{base}/healthz"):
             print("the gateway did not come up", file=sys.stderr)
             return 1
@@ -92,7 +101,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 seckill stack up: Redis {mode} at {redis_url}
   gateway         {base}   (admin token: {env['SECKILL_ADMIN_TOKEN']})
   orders service  http://{args.host}:{args.orders_port}   ({args.database_url})
-Try the README's curl sequence; Ctrl-C stops everything.
+Development secrets of this run (for the README's curl sequence, in another terminal):
+  export SECKILL_ADMIN_TOKEN={env['SECKILL_ADMIN_TOKEN']}
+  export SECKILL_ORDERS_TOKEN={env['SECKILL_ORDERS_TOKEN']}
+  export SECKILL_PAYMENT_SECRET={env['SECKILL_PAYMENT_SECRET']}
+Ctrl-C stops everything.
 """, flush=True)
         while not stopping:
             if gateway.poll() is not None or orders.poll() is not None:

@@ -33,13 +33,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_orders_serve(args: argparse.Namespace) -> int:
-    from gateway.orders.app import serve_orders
-
-    serve_orders(_settings(args).database_url, args.host, args.port)
-    return 0
-
-
 def cmd_relay(args: argparse.Namespace) -> int:
     from gateway.delivery.relay import RelayConfig
     from gateway.delivery.runner import run_relay
@@ -123,13 +116,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--config")
         p.set_defaults(func=cmd_sale)
 
-    orders = sub.add_parser("orders", help="the bundled orders service")
-    orders_sub = orders.add_subparsers(dest="action", required=True)
-    orders_serve = orders_sub.add_parser("serve", help="run the orders service (SECKILL_DATABASE_URL)")
-    orders_serve.add_argument("--host", default="127.0.0.1")
-    orders_serve.add_argument("--port", type=int, default=8081)
-    orders_serve.add_argument("--config", help="TOML file with settings")
-    orders_serve.set_defaults(func=cmd_orders_serve)
+    from gateway.orders.cli import add_orders_commands
+
+    add_orders_commands(sub)
 
     relay = sub.add_parser("relay", help="deliver admitted purchases to SECKILL_UPSTREAM_URL")
     relay.add_argument("--consumer", default=socket.gethostname(),

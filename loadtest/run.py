@@ -259,11 +259,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                     db = reports / f"orders-{sku}.db"
                     db.unlink(missing_ok=True)
                     env["SECKILL_DATABASE_URL"] = f"sqlite:///{db}"
+                    # The orders service's callers authenticate (the relay with its bearer).
+                    env["SECKILL_ORDERS_TOKEN"] = env["SECKILL_UPSTREAM_TOKEN"] = secrets.token_urlsafe(16)
+                    env["SECKILL_PAYMENT_SECRET"] = secrets.token_urlsafe(16)
                     port = free_port()
                     orders = services.start("orders service", [
                         PYTHON, "-m", "gateway", "orders", "serve", "--host", "127.0.0.1", "--port", str(port)],
                         env, reports / "orders.log")
-                    wait_http(f"http://127.0.0.1:{port}/orders/none", 30, orders)
+                    wait_http(f"http://127.0.0.1:{port}/healthz", 30, orders)
                     env["SECKILL_UPSTREAM_URL"] = f"http://127.0.0.1:{port}/orders"
                     verify_argv += ["--database-url", env["SECKILL_DATABASE_URL"],
                                     "--wait-delivery", str(args.wait_delivery)]

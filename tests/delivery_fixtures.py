@@ -25,6 +25,7 @@ from aiohttp.test_utils import TestServer
 from gateway.config import Settings
 from gateway.models import Order
 from gateway.orders.app import create_orders_app
+from gateway.orders.config import OrdersConfig, ReleaseConfig
 from gateway.orders.db import OrdersDb, open_orders_db
 from gateway.delivery.relay import Relay, RelayConfig
 from gateway.app import Gateway
@@ -79,10 +80,20 @@ def standalone(standalone_redis):
 
 # -- HTTP services ------------------------------------------------------------------------
 
+# The orders service's secrets in tests: the relay sends ORDERS_TOKEN as its bearer
+# (SECKILL_UPSTREAM_TOKEN), a test playing the payment provider signs with PAYMENT_SECRET.
+ORDERS_TOKEN = "test-orders-token"
+PAYMENT_SECRET = "test-payment-secret"
+# Quick timers: expiry and releases within a fraction of a second.
+FAST_ORDERS = dict(expire_every=0.1,
+                   releases=ReleaseConfig(poll_every=0.1, backoff_base=0.02, backoff_cap=0.2))
+
+
 @dataclass
 class OrdersService:
     server: TestServer
     db: OrdersDb
+    config: OrdersConfig
 
     @property
     def orders_url(self) -> str:
@@ -91,15 +102,32 @@ class OrdersService:
     def url(self, path: str) -> str:
         return str(self.server.make_url(path))
 
+    @property
+    def auth(self) -> dict[str, str]:
+        """The header its callers (the relay, the shop) send."""
+        return {"Authorization": f"Bearer {self.config.orders_token}"}
+
+
+def orders_config(gateway_url: str | None = None, **tuning) -> OrdersConfig:
+    """The test secrets; releases go to ``gateway_url`` with the tests' admin token."""
+    from .conftest import ADMIN_TOKEN
+
+    return OrdersConfig(ORDERS_TOKEN, PAYMENT_SECRET, gateway_url=gateway_url,
+                        admin_token=ADMIN_TOKEN if gateway_url else None,
+                        **{**FAST_ORDERS, **tuning})
+
 
 @contextlib.asynccontextmanager
-async def orders_service(database_url: str) -> AsyncIterator[OrdersService]:
-    """The bundled orders service on a local port (a real server)."""
+async def orders_service(database_url: str, gateway_url: str | None = None,
+                         **tuning) -> AsyncIterator[OrdersService]:
+    """The bundled orders service on a local port (a real server), with the test
+    secrets; ``tuning``: fields of ``OrdersConfig``."""
     db = open_orders_db(database_url)
-    server = TestServer(create_orders_app(db))
+    config = orders_config(gateway_url, **tuning)
+    server = TestServer(create_orders_app(db, config))
     await server.start_server()
     try:
-        yield OrdersService(server, db)
+        yield OrdersService(server, db, config)
     finally:
         await server.close()
 
@@ -144,7 +172,8 @@ class Upstream:
             self.held += 1
             await self._released.wait()
         headers = {"Content-Type": "application/json",
-                   "Idempotency-Key": request.headers.get("Idempotency-Key", "")}
+                   "Idempotency-Key": request.headers.get("Idempotency-Key", ""),
+                   "Authorization": request.headers.get("Authorization", "")}
         async with self.session.post(self.target, data=body, headers=headers) as response:
             status, answer = response.status, await response.read()
         if n <= self.fail_first + self.stall_next:
@@ -185,8 +214,10 @@ FAST = dict(claim_every=0.2, refresh_every=0.1, backoff_base=0.02, backoff_cap=0
 async def running_relay(settings: Settings, upstream_url: str, **config) -> AsyncIterator[Relay]:
     """A started relay with quick timers; stopped (drained) on exit."""
     options = {**FAST, "consumer": f"test-{uuid.uuid4().hex[:6]}", **config}
-    relay = Relay.from_settings(settings.replace(upstream_url=upstream_url),
-                                config=RelayConfig(**options))
+    relay = Relay.from_settings(
+        settings.replace(upstream_url=upstream_url,
+                         upstream_token=settings.upstream_token or ORDERS_TOKEN),
+        config=RelayConfig(**options))
     relay.start()
     try:
         yield relay

@@ -30,6 +30,8 @@ from devtools.processes import free_port, stop_process
 
 ADMIN_TOKEN = "failover-admin-token"
 ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+ORDERS_TOKEN = "failover-orders-token"
+PAYMENT_SECRET = "failover-payment-secret"
 
 
 
@@ -138,6 +140,7 @@ def gateway_env(*, redis_url: str, redis_mode: str, key_prefix: str, upstream_ur
     })
     if upstream_url:
         env["SECKILL_UPSTREAM_URL"] = upstream_url
+        env["SECKILL_UPSTREAM_TOKEN"] = ORDERS_TOKEN
     else:
         env["SECKILL_RELAY"] = "false"
     for name, value in settings.items():
@@ -149,7 +152,8 @@ def gateway_env(*, redis_url: str, redis_mode: str, key_prefix: str, upstream_ur
 @contextlib.contextmanager
 def orders_service(tmp_path: Path, database_url: str) -> Iterator[Service]:
     env = _clean_environ()
-    env["SECKILL_DATABASE_URL"] = database_url
+    env.update({"SECKILL_DATABASE_URL": database_url, "SECKILL_ORDERS_TOKEN": ORDERS_TOKEN,
+                "SECKILL_PAYMENT_SECRET": PAYMENT_SECRET})
     service = Service("orders", ["orders", "serve"], env, free_port(), tmp_path / "orders.log")
     try:
         yield service.start()

@@ -36,7 +36,7 @@ from gateway.store.keys import KeySpace
 from devtools.processes import free_port
 from gateway.http.server import GatewayRunner
 
-from .delivery_fixtures import orders_service, sqlite_url, standalone, upstream  # noqa: F401  (fixtures)
+from .delivery_fixtures import ORDERS_TOKEN, orders_service, sqlite_url, standalone, upstream  # noqa: F401  (fixtures)
 
 ADMIN_TOKEN = "obs-admin-6f1c2b9e4d"
 TOKEN_SECRET = "obs-token-secret-93a7c5e1"
@@ -202,7 +202,8 @@ async def test_sigterm_drains_requests_in_flight_and_the_relay(private_redis, sq
     n, shards = 60, 4
     async with orders_service(sqlite_url) as orders, ClientSession() as session:
         with gateway_process(private_redis.url, tmp_path / "gateway.log", SECKILL_RELAY="true",
-                             SECKILL_UPSTREAM_URL=orders.orders_url, SECKILL_KEY_MODE="client",
+                             SECKILL_UPSTREAM_URL=orders.orders_url, SECKILL_UPSTREAM_TOKEN=ORDERS_TOKEN,
+                             SECKILL_KEY_MODE="client",
                              SECKILL_REDIS_TIMEOUT="10", SECKILL_REQUEST_TIMEOUT="15") as gw:
             sku = f"drain-{uuid.uuid4().hex[:6]}"
             await asyncio.to_thread(create_sale, gw, sku, n + 10, shards=shards)
@@ -270,7 +271,8 @@ async def test_metrics_after_some_traffic(private_redis, sqlite_url, tmp_path):
     async with orders_service(sqlite_url) as orders, upstream(orders.orders_url, fail_first=3) as up, \
             ClientSession() as session:
         with gateway_process(private_redis.url, tmp_path / "gateway.log", SECKILL_RELAY="true",
-                             SECKILL_UPSTREAM_URL=up.url, SECKILL_KEY_MODE="client",
+                             SECKILL_UPSTREAM_URL=up.url, SECKILL_UPSTREAM_TOKEN=ORDERS_TOKEN,
+                             SECKILL_KEY_MODE="client",
                              SECKILL_REDIS_TIMEOUT="0.5") as gw:
             sku = f"m-{uuid.uuid4().hex[:6]}"
             await asyncio.to_thread(create_sale, gw, sku, stock, shards=shards)

@@ -1,52 +1,86 @@
 """The bundled orders service (the reference seckill endpoint), on SQLite and PostgreSQL:
 orders stored once, units never twice, payments once per notify_id, shipping guarded by
-the order's version."""
+the order's version.
+
+``Client`` and the ``client`` fixture serve the other ``test_orders_*`` modules too."""
 
 from __future__ import annotations
 
 import asyncio
 import sqlite3
+import time
 import uuid
 from typing import AsyncIterator
 
+import orjson
 import pytest
 import pytest_asyncio
 from aiohttp import ClientSession
 from aiohttp.test_utils import TestServer
 
+from gateway.orders import signing
 from gateway.orders.app import create_orders_app
 from gateway.orders.db import NewOrder
 from gateway.orders.sqlite import SqliteOrders
 
-from .delivery_fixtures import OrdersService, database_url, orders_service  # noqa: F401
+from .delivery_fixtures import (PAYMENT_SECRET, OrdersService, database_url,  # noqa: F401
+                                orders_config, orders_service)
 
 
 class Client:
-    """Calls the orders service over HTTP, as the relay and a payment provider do."""
+    """Calls the orders service over HTTP, as the relay, the shop and a payment provider
+    do: with the bearer token (unless ``auth=False``), notices signed."""
 
     def __init__(self, service: OrdersService, session: ClientSession) -> None:
         self.service = service
         self.session = session
 
-    async def call(self, method: str, path: str, body: dict | None = None,
-                   headers: dict | None = None) -> tuple[int, dict]:
-        async with self.session.request(method, self.service.url(path), json=body,
+    async def call(self, method: str, path: str, body: dict | list | None = None,
+                   headers: dict | None = None, *, data: bytes | None = None,
+                   auth: bool = True) -> tuple[int, dict]:
+        headers = {**(self.service.auth if auth else {}), **(headers or {})}
+        async with self.session.request(method, self.service.url(path), json=body, data=data,
                                         headers=headers) as resp:
-            data = await resp.json(content_type=None)
-            assert isinstance(data, dict) and data.get("code"), data
-            return resp.status, data
+            answer = await resp.json(content_type=None)
+            assert isinstance(answer, dict) and answer.get("code"), answer
+            return resp.status, answer
 
     async def post_order(self, order_no: str, units: list[int], *, sku: str = "sku-1",
-                         amount: int = 500, headers: dict | None = None) -> tuple[int, dict]:
+                         amount: int = 500, pay_by: int | None = None,
+                         headers: dict | None = None) -> tuple[int, dict]:
         body = {"order_no": order_no, "sku": sku, "user_id": 42, "units": units,
                 "quantity": len(units), "amount": amount, "admitted_at": 1700000000000}
+        if pay_by is not None:
+            body["pay_by"] = pay_by
         return await self.call("POST", "/orders", body,
                                {"Idempotency-Key": order_no, **(headers or {})})
 
     async def notify(self, notify_id: str, order_no: str, amount: int = 500,
                      status: str = "SUCCESS") -> tuple[int, dict]:
-        return await self.call("POST", "/payments/notify", {
-            "notify_id": notify_id, "order_no": order_no, "amount": amount, "status": status})
+        return await self.notify_raw(orjson.dumps({
+            "notify_id": notify_id, "order_no": order_no, "amount": amount, "status": status}))
+
+    async def notify_raw(self, body: bytes, signature: str | None = None) -> tuple[int, dict]:
+        """POST ``body`` as a notice, signed now with the service's secret unless
+        ``signature`` (the X-Signature header) is given."""
+        if signature is None:
+            signature = signing.sign(PAYMENT_SECRET, body, int(time.time()))
+        return await self.call("POST", "/payments/notify", data=body, auth=False,
+                               headers={"Content-Type": "application/json",
+                                        signing.HEADER: signature})
+
+    async def cancel(self, order_no: str) -> tuple[int, dict]:
+        return await self.call("POST", f"/orders/{order_no}/cancel")
+
+    async def refunds(self) -> list[dict]:
+        status, body = await self.call("GET", "/refunds")
+        assert status == 200, body
+        return body["refunds"]
+
+    async def releases_pending(self) -> int:
+        status, body = await self.call("GET", "/healthz", auth=False)
+        assert status == 200, body
+        return body["releases_pending"]
 
     async def ship(self, order_no: str, version: int | str | None) -> tuple[int, dict]:
         headers = {} if version is None else {"If-Match": str(version)}
@@ -77,7 +111,7 @@ async def test_order_is_stored_once_and_read_back(client: Client):
     assert status == 200
     assert body == {"code": "OK", "order_no": order_no, "sku": "sku-1", "user_id": 42,
                     "units": [3, 4], "quantity": 2, "amount": 500, "admitted_at": 1700000000000,
-                    "state": "pending", "state_version": 1}
+                    "pay_by": None, "state": "pending", "state_version": 1}
     status, body = await client.get(new_no())
     assert status == 404 and body["code"] == "ORDER_NOT_FOUND"
 
@@ -140,7 +174,7 @@ async def test_payment_notification_errors(client: Client):
     # The same notify_id for another payment is not a repeat.
     status, body = await client.notify("n-c", order_no, status="SUCCESS")
     assert status == 409 and body["code"] == "NOTIFY_ID_REUSED"
-    status, body = await client.call("POST", "/payments/notify", {"notify_id": "x"})
+    status, body = await client.notify_raw(b'{"notify_id": "x"}')
     assert status == 400 and body["code"] == "BAD_REQUEST"
 
 
@@ -185,11 +219,13 @@ async def test_malformed_orders_are_refused(client: Client, body):
 async def test_every_answer_is_json_with_a_code(client: Client):
     status, body = await client.post_order("o-1", [1], headers={"Idempotency-Key": "o-2"})
     assert status == 400  # the key must name the order it comes with
-    async with client.session.post(client.service.url("/orders"), data=b"{nope") as resp:
+    async with client.session.post(client.service.url("/orders"), data=b"{nope",
+                                   headers=client.service.auth) as resp:
         assert resp.status == 400 and (await resp.json())["code"] == "BAD_REQUEST"
     assert (await client.call("GET", "/nowhere"))[1]["code"] == "NOT_FOUND"
     assert (await client.call("PUT", "/orders"))[1]["code"] == "METHOD_NOT_ALLOWED"
-    assert (await client.call("GET", "/healthz")) == (200, {"code": "OK", "database": "up"})
+    assert (await client.call("GET", "/healthz")) == (200, {"code": "OK", "database": "up",
+                                                            "releases_pending": 0})
 
 
 async def test_schema_has_the_names_the_verifier_reads(client: Client):
@@ -211,14 +247,16 @@ async def test_a_locked_sqlite_database_answers_503(tmp_path):
     path = str(tmp_path / "orders.db")
     db = SqliteOrders(path, busy_timeout_ms=50)
     async with ClientSession() as session:
-        server = TestServer(create_orders_app(db))
+        config = orders_config()
+        server = TestServer(create_orders_app(db, config))
         await server.start_server()
-        blocker = sqlite3.connect(path, isolation_level=None)
+        # The service writes in the background too (expiry): wait for our turn.
+        blocker = sqlite3.connect(path, isolation_level=None, timeout=10)
         try:
             blocker.execute("BEGIN IMMEDIATE")
             async with session.post(server.make_url("/orders"), json={
                     "order_no": "o-1", "sku": "s", "user_id": 1, "units": [1], "quantity": 1,
-                    "amount": 0}) as resp:
+                    "amount": 0}, headers={"Authorization": f"Bearer {config.orders_token}"}) as resp:
                 assert resp.status == 503 and (await resp.json())["code"] == "UNAVAILABLE"
                 assert "Retry-After" in resp.headers
             blocker.execute("ROLLBACK")

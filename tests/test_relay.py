@@ -24,7 +24,8 @@ from devtools.processes import free_port
 
 from .conftest import Backend, new_sku, serve
 from .delivery_fixtures import (  # noqa: F401  (fixtures)
-    admit, all_delivered, backlog, database_url, eventually, gateway_orders, orders_service,
+    ORDERS_TOKEN, PAYMENT_SECRET, admit, all_delivered, backlog, database_url, eventually,
+    gateway_orders, orders_service,
     running_relay, settled, sqlite_url, standalone, statuses, upstream,
 )
 
@@ -201,7 +202,8 @@ async def test_stop_lets_in_flight_deliveries_finish(standalone: Backend, sqlite
 
 async def test_gateway_serve_runs_the_relay(standalone: Backend, sqlite_url: str):
     async with orders_service(sqlite_url) as orders:
-        settings = standalone.settings(relay=True, upstream_url=orders.orders_url)
+        settings = standalone.settings(relay=True, upstream_url=orders.orders_url,
+                                       upstream_token=ORDERS_TOKEN)
         sku = new_sku()
         async with serve(settings) as api:
             assert api.gateway.relay is not None
@@ -226,7 +228,9 @@ async def test_relay_killed_mid_delivery_and_restarted(standalone: Backend, tmp_
     settings = standalone.settings(key_mode="client")
     db_url = f"sqlite:///{tmp_path}/orders.db"
     env = {**os.environ, "SECKILL_REDIS_URL": settings.redis_url, "SECKILL_REDIS_MODE": "standalone",
-           "SECKILL_KEY_PREFIX": settings.key_prefix, "SECKILL_DATABASE_URL": db_url}
+           "SECKILL_KEY_PREFIX": settings.key_prefix, "SECKILL_DATABASE_URL": db_url,
+           "SECKILL_ORDERS_TOKEN": ORDERS_TOKEN, "SECKILL_PAYMENT_SECRET": PAYMENT_SECRET,
+           "SECKILL_UPSTREAM_TOKEN": ORDERS_TOKEN}
     port = free_port()
     with _process(["orders", "serve", "--port", str(port)], env, tmp_path / "orders.log") as orders:
         await _wait_http(f"http://127.0.0.1:{port}/healthz")

@@ -87,9 +87,11 @@ class Relay:
     """Reads every shard's stream and delivers; ``start()`` then ``await stop()``."""
 
     def __init__(self, store: Store, upstream_url: str, metrics: Metrics | None = None,
-                 config: RelayConfig | None = None, *, owns_store: bool = False) -> None:
+                 config: RelayConfig | None = None, *, owns_store: bool = False,
+                 upstream_token: str | None = None) -> None:
         self.store = store
         self.upstream_url = upstream_url
+        self.upstream_token = upstream_token
         self.metrics = metrics or Metrics()
         self.config = config or RelayConfig()
         self.owns_store = owns_store
@@ -116,7 +118,8 @@ class Relay:
         timeout = max(settings.redis_timeout, config.block_ms / 1000 + 2.0)
         store = Store(connect(settings.replace(redis_timeout=timeout)),
                       KeySpace(settings.key_prefix), outcome_ttl=settings.idempotency_ttl)
-        return cls(store, settings.upstream_url, metrics, config, owns_store=True)
+        return cls(store, settings.upstream_url, metrics, config, owns_store=True,
+                   upstream_token=settings.upstream_token)
 
     # -- lifecycle ----------------------------------------------------------------------
 
@@ -283,6 +286,8 @@ class Relay:
     async def _post_until_decided(self, purchase: Purchase) -> Verdict:
         assert self._session is not None
         headers = {"Content-Type": "application/json", "Idempotency-Key": purchase.order_no}
+        if self.upstream_token:
+            headers["Authorization"] = f"Bearer {self.upstream_token}"
         body = orjson.dumps(purchase.payload())
         attempt = 0
         while True:

@@ -56,6 +56,7 @@ class PostgresOrders(OrdersDb):
         asyncpg.TooManyConnectionsError,
         asyncpg.CannotConnectNowError,
     )
+    skip_locked = " FOR UPDATE SKIP LOCKED"
 
     def __init__(self, dsn: str, min_size: int = 1, max_size: int = 10,
                  command_timeout: float = 10.0) -> None:

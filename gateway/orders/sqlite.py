@@ -21,6 +21,7 @@ from gateway.orders.db import OrdersDb, Row, schema
 
 SCHEMA = schema("TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ', 'now'))")
 
+MIN_VERSION = (3, 35)  # UPDATE ... RETURNING (expiry, release claims)
 _PLACEHOLDER = re.compile(r"\$(\d+)")
 _UNIQUE_ERRORS = {"SQLITE_CONSTRAINT_UNIQUE", "SQLITE_CONSTRAINT_PRIMARYKEY"}
 
@@ -59,6 +60,9 @@ class SqliteOrders(OrdersDb):
         self._lock = asyncio.Lock()
 
     async def open(self) -> None:
+        if sqlite3.sqlite_version_info < MIN_VERSION:
+            raise RuntimeError(f"the orders store needs SQLite >= {'.'.join(map(str, MIN_VERSION))} "
+                               f"(UPDATE ... RETURNING); this Python has {sqlite3.sqlite_version}")
         # isolation_level=None: no implicit transactions, we issue BEGIN/COMMIT ourselves.
         conn = await aiosqlite.connect(self.path, isolation_level=None)
         await conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout_ms)}")
