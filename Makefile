@@ -8,7 +8,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 PORT   ?= 8080
 
-.PHONY: setup run run-cluster test test-fast loadtest bench bench-skew cluster clean
+.PHONY: setup run run-cluster test test-fast lint loadtest bench bench-skew cluster clean
 
 $(BIN)/seckill-gateway: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -26,10 +26,14 @@ run-cluster: setup
 	$(BIN)/python -m devtools.stack --cluster --port $(PORT)
 
 test: setup
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -rs --durations=20
 
 test-fast: setup
-	SECKILL_SKIP_CLUSTER=1 $(BIN)/python -m pytest -q -m "not slow"
+	$(BIN)/python -m pytest -q -m "not slow and not cluster"
+
+lint: setup
+	$(BIN)/ruff check gateway devtools loadtest tests
+	$(BIN)/mypy
 
 loadtest: setup
 	$(BIN)/python -m loadtest.run

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import atexit
-import contextlib
 import shutil
 import signal
 import socket
@@ -40,6 +39,8 @@ import redis.cluster
 from redis.backoff import NoBackoff
 from redis.crc import key_slot
 from redis.retry import Retry
+
+from devtools.processes import ChildProcess
 
 __all__ = ["ClusterNotReady", "LocalCluster", "LocalNode", "main"]
 
@@ -68,9 +69,8 @@ class LocalNode:
     host: str
     port: int
     dir: Path
-    process: subprocess.Popen[bytes] | None = field(default=None, repr=False)
+    child: ChildProcess | None = field(default=None, repr=False)
     node_id: str = ""
-    paused: bool = False
     # Port the node tells clients (cluster-announce-port), e.g. a fault proxy's in
     # front of it; 0: its own. Passed again at restart, which forgets CONFIG SET.
     announce_port: int = 0
@@ -78,7 +78,7 @@ class LocalNode:
     @property
     def pid(self) -> int | None:
         """PID of the current process, or ``None`` if never started."""
-        return self.process.pid if self.process is not None else None
+        return self.child.pid if self.child is not None else None
 
     @property
     def address(self) -> str:
@@ -98,12 +98,16 @@ class LocalNode:
     @property
     def running(self) -> bool:
         """True while the process exists (including while paused)."""
-        return self.process is not None and self.process.poll() is None
+        return self.child is not None and self.child.running
+
+    @property
+    def paused(self) -> bool:
+        return self.child is not None and self.child.paused
 
     @property
     def alive(self) -> bool:
         """True if the process runs and is not paused, i.e. it can answer."""
-        return self.running and not self.paused
+        return self.child is not None and self.child.alive
 
     def client(self, **kwargs: Any) -> redis.Redis:
         """A plain (non-cluster) client for this node; the caller closes it.
@@ -184,20 +188,13 @@ class LocalCluster:
 
     def stop(self) -> None:
         """Terminate all processes (SIGTERM, then SIGKILL) and remove dirs."""
+        for node in self.nodes:  # all at once: each gets its SIGTERM before any waits
+            if node.child is not None and node.child.running:
+                node.child.resume()  # a stopped process ignores TERM
+                node.child.signal(signal.SIGTERM)
         for node in self.nodes:
-            if node.running:
-                _signal(node, signal.SIGCONT)  # a stopped process ignores TERM
-                _signal(node, signal.SIGTERM)
-        deadline = time.monotonic() + 5.0
-        for node in self.nodes:
-            if node.process is None:
-                continue
-            try:
-                node.process.wait(timeout=max(0.0, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                node.process.kill()
-                node.process.wait()
-            node.paused = False
+            if node.child is not None:
+                node.child.stop(timeout=5.0)
         for node in self.nodes:
             shutil.rmtree(node.dir, ignore_errors=True)
         self.nodes = []
@@ -298,20 +295,18 @@ class LocalCluster:
 
     def kill(self, node: LocalNode) -> None:
         """SIGKILL ``node`` and reap it. Its directory is kept for restart."""
-        if node.process is not None and node.running:
-            node.process.kill()
-            node.process.wait()
-        node.paused = False
+        if node.child is not None:
+            node.child.kill()
 
     def pause(self, node: LocalNode) -> None:
         """Freeze ``node`` with SIGSTOP (it stops answering, sockets stay)."""
-        _signal(node, signal.SIGSTOP)
-        node.paused = True
+        if node.child is not None:
+            node.child.pause()
 
     def resume(self, node: LocalNode) -> None:
         """Undo :meth:`pause` with SIGCONT."""
-        _signal(node, signal.SIGCONT)
-        node.paused = False
+        if node.child is not None:
+            node.child.resume()
 
     def restart(self, node: LocalNode) -> None:
         """Kill ``node`` if running and start it again on the same port.
@@ -489,15 +484,8 @@ class LocalCluster:
                 "--cluster-announce-port", str(node.announce_port),
                 "--cluster-announce-bus-port", str(node.port + _BUS_PORT_OFFSET),
             ]  # fmt: skip
-        with open(node.log_path, "ab") as log:
-            node.process = subprocess.Popen(
-                args,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                cwd=node.dir,
-            )
-        node.paused = False
+        node.child = ChildProcess(f"redis-server {node.address}", args, node.log_path,
+                                  cwd=node.dir).start()
 
     def _wait_for_ping(self, node: LocalNode, timeout: float) -> None:
         deadline = time.monotonic() + timeout
@@ -559,12 +547,6 @@ def _wait_for(problem: Callable[[], str | None], timeout: float) -> None:
         if time.monotonic() >= deadline:
             raise ClusterNotReady(f"not ready after {timeout:g}s: {found}")
         time.sleep(_POLL_INTERVAL)
-
-
-def _signal(node: LocalNode, signum: signal.Signals) -> None:
-    if node.process is not None and node.running:
-        with contextlib.suppress(ProcessLookupError):
-            node.process.send_signal(signum)
 
 
 def _port_free(host: str, port: int) -> bool:

@@ -16,18 +16,17 @@ import argparse
 import atexit
 import shutil
 import signal
-import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 import redis
 
+from devtools.processes import ChildProcess, NotReady, free_port
 from devtools.redis_cluster import ClusterNotReady, LocalNode
-from devtools.processes import free_port
 
 
 @dataclass(eq=False)
@@ -44,7 +43,7 @@ class LocalRedis:
         assert self.node is not None, "not started"
         return self.node.url
 
-    def start(self) -> "LocalRedis":
+    def start(self) -> LocalRedis:
         server = shutil.which(self.redis_server)
         if server is None:
             raise FileNotFoundError(f"{self.redis_server!r} not found; install redis-server")
@@ -56,43 +55,37 @@ class LocalRedis:
 
     def _launch(self, server: str) -> None:
         assert self.node is not None
-        args = [server, "--port", str(self.node.port), "--bind", self.host,
-                "--protected-mode", "no", "--daemonize", "no", "--dir", str(self.node.dir),
+        node = self.node
+        args = [server, "--port", str(node.port), "--bind", self.host,
+                "--protected-mode", "no", "--daemonize", "no", "--dir", str(node.dir),
                 "--logfile", "", "--save", "", "--appendonly", "no", *self.extra_args]
-        with open(self.node.log_path, "ab") as log:
-            self.node.process = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=log,
-                                                 stderr=subprocess.STDOUT, cwd=self.node.dir)
-        self.node.paused = False
-        deadline = time.monotonic() + self.startup_timeout
-        while True:
-            if not self.node.running:
-                raise ClusterNotReady(f"redis-server on {self.node.address} exited:\n"
-                                      f"{self.node.log_tail()}")
+        node.child = ChildProcess(f"redis-server {node.address}", args, node.log_path,
+                                  cwd=node.dir)
+
+        def answers() -> bool:  # our process, not a stranger on the port
             try:
-                with self.node.client(socket_timeout=0.5, socket_connect_timeout=0.5) as c:
-                    if c.info("server").get("process_id") == self.node.pid:
-                        return
+                with node.client(socket_timeout=0.5, socket_connect_timeout=0.5) as c:
+                    return bool(c.info("server").get("process_id") == node.pid)
             except redis.RedisError:
-                pass
-            if time.monotonic() > deadline:
-                raise ClusterNotReady(f"redis-server on {self.node.address} not answering")
-            time.sleep(0.05)
+                return False
+
+        try:
+            node.child.start(answers, self.startup_timeout)
+        except NotReady as exc:
+            raise ClusterNotReady(str(exc)) from None
 
     def kill(self) -> None:
         """SIGKILL the server (its data is gone: nothing is persisted)."""
-        if self.node is not None and self.node.running:
-            self.node.process.kill()  # type: ignore[union-attr]
-            self.node.process.wait()  # type: ignore[union-attr]
+        if self.node is not None and self.node.child is not None:
+            self.node.child.kill()
 
     def pause(self) -> None:
-        if self.node is not None and self.node.running:
-            self.node.process.send_signal(signal.SIGSTOP)  # type: ignore[union-attr]
-            self.node.paused = True
+        if self.node is not None and self.node.child is not None:
+            self.node.child.pause()
 
     def resume(self) -> None:
-        if self.node is not None and self.node.running:
-            self.node.process.send_signal(signal.SIGCONT)  # type: ignore[union-attr]
-            self.node.paused = False
+        if self.node is not None and self.node.child is not None:
+            self.node.child.resume()
 
     def restart(self) -> None:
         """Start again on the same port (after :meth:`kill`, or killing it now)."""
@@ -104,18 +97,13 @@ class LocalRedis:
     def stop(self) -> None:
         if self.node is None:
             return
-        self.resume()
-        if self.node.running:
-            self.node.process.terminate()  # type: ignore[union-attr]
-            try:
-                self.node.process.wait(timeout=5)  # type: ignore[union-attr]
-            except subprocess.TimeoutExpired:
-                self.kill()
+        if self.node.child is not None:
+            self.node.child.stop(timeout=5.0)
         shutil.rmtree(self.node.dir, ignore_errors=True)
         self.node = None
         atexit.unregister(self.stop)
 
-    def __enter__(self) -> "LocalRedis":
+    def __enter__(self) -> LocalRedis:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:

@@ -11,17 +11,16 @@ import argparse
 import os
 import secrets
 import signal
-import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Sequence
 from contextlib import ExitStack
 from pathlib import Path
-from typing import Sequence
 
+from devtools.processes import ChildProcess
 from devtools.redis_cluster import LocalCluster
 from devtools.redis_server import LocalRedis
-from devtools.processes import stop_process
 
 DEV_ADMIN_TOKEN = "dev-admin-token"
 
@@ -38,9 +37,9 @@ def _wait_http(url: str, timeout: float = 30.0) -> bool:
     return False
 
 
-def _spawn(args: list[str], env: dict[str, str]) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "gateway", *args], env=env,
-                            stdin=subprocess.DEVNULL)
+def _spawn(name: str, args: list[str], env: dict[str, str]) -> ChildProcess:
+    """A ``python -m gateway`` child whose output goes to this terminal."""
+    return ChildProcess(name, [sys.executable, "-m", "gateway", *args], None, env=env).start()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -89,10 +88,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                                        or secrets.token_urlsafe(16)),
             "SECKILL_GATEWAY_URL": base,
         }
-        orders = _spawn(["orders", "serve", "--host", args.host, "--port", str(args.orders_port)], env)
-        stack.callback(stop_process, orders)
-        gateway = _spawn(["serve", "--host", args.host, "--port", str(args.port)], env)
-        stack.callback(stop_process, gateway)
+        orders = _spawn("orders service", ["orders", "serve", "--host", args.host,
+                                           "--port", str(args.orders_port)], env)
+        stack.callback(orders.stop)
+        gateway = _spawn("gateway", ["serve", "--host", args.host, "--port", str(args.port)], env)
+        stack.callback(gateway.stop)
         if not _wait_http(f"{base}/healthz"):
             print("the gateway did not come up", file=sys.stderr)
             return 1
@@ -108,7 +108,7 @@ Development secrets of this run (for the README's curl sequence, in another term
 Ctrl-C stops everything.
 """, flush=True)
         while not stopping:
-            if gateway.poll() is not None or orders.poll() is not None:
+            if not gateway.running or not orders.running:
                 print("a child process exited; stopping", file=sys.stderr)
                 return 1
             time.sleep(0.2)

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 
-async def cancel_and_wait(tasks: list[asyncio.Task]) -> None:
+async def cancel_and_wait(tasks: list[asyncio.Task[Any]]) -> None:
     """Cancel the tasks and wait until they are done.
 
     On Python 3.11, ``asyncio.wait_for`` (which redis-py uses for socket timeouts)

@@ -12,8 +12,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator
+from typing import Any
 
 import orjson
 from aiohttp import web
@@ -67,7 +68,7 @@ class Gateway:
     _gauged: set[str] = field(default_factory=set)  # SKUs with a units_remaining series
 
     @classmethod
-    def build(cls, settings: Settings, client: RedisClient | None = None) -> "Gateway":
+    def build(cls, settings: Settings, client: RedisClient | None = None) -> Gateway:
         client = client or connect(settings)
         metrics = Metrics()
         batcher = make_batcher(client, settings, on_batch=metrics.batch_size.observe,
@@ -99,7 +100,7 @@ class Gateway:
         self.sales.forget(sku)
         self.sold_out.forget(sku)
 
-    async def sale_status(self, sku: str) -> dict | None:
+    async def sale_status(self, sku: str) -> dict[str, Any] | None:
         sale = await self.store.get_sale(sku)
         if sale is None:
             return None

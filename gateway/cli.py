@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import socket
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
 import orjson
 import uvloop
@@ -48,9 +48,9 @@ def cmd_relay(args: argparse.Namespace) -> int:
 
 
 def cmd_sale(args: argparse.Namespace) -> int:
-    from gateway.store.keys import valid_sku
-    from gateway.models import Sale
     from gateway.app import Gateway
+    from gateway.models import Sale
+    from gateway.store.keys import valid_sku
 
     settings = _settings(args)
     if not valid_sku(args.sku):
@@ -70,11 +70,11 @@ def cmd_sale(args: argparse.Namespace) -> int:
                         "shards": sale.shards})
                 return 0
             if args.action == "delete":
-                sale = await gw.store.get_sale(args.sku)
-                if sale is None:
+                found = await gw.store.get_sale(args.sku)
+                if found is None:
                     print(f"no sale {args.sku}", file=sys.stderr)
                     return 1
-                await gw.store.delete_sale(sale)
+                await gw.store.delete_sale(found)
                 return 0
             status = await gw.sale_status(args.sku)
             if status is None:

@@ -10,9 +10,10 @@ from __future__ import annotations
 import os
 import re
 import tomllib
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 ENV_PREFIX = "SECKILL_"
 
@@ -88,14 +89,14 @@ class Settings:
         if not 100 <= self.relay_claim_idle_ms <= 86_400_000:
             raise ConfigError(f"{ENV_PREFIX}RELAY_CLAIM_IDLE_MS must be between 100 and 86400000")
 
-    def replace(self, **changes: Any) -> "Settings":
+    def replace(self, **changes: Any) -> Settings:
         values = {f.name: getattr(self, f.name) for f in fields(self)}
         values.update(changes)
         return Settings(**values)
 
 
 def _coerce(name: str, raw: Any, default: Any) -> Any:
-    kind = type(default) if default is not None else str
+    kind: type = type(default) if default is not None else str
     if isinstance(raw, kind) and not (kind is int and isinstance(raw, bool)):
         return raw
     text = str(raw).strip()

@@ -3,8 +3,9 @@ admitted purchase (one type from the purchase script to the orders store)."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,7 +49,7 @@ class Transfer:
     started_ms: int
 
     @classmethod
-    def parse(cls, transfer_id: str, donor: int, record: str) -> "Transfer":
+    def parse(cls, transfer_id: str, donor: int, record: str) -> Transfer:
         receiver, ranges, count, started = record.split("|")
         return cls(transfer_id, donor, int(receiver), ranges, int(count), int(started))
 
@@ -74,7 +75,7 @@ class Purchase:
                 "admitted_at": self.admitted_at, "pay_by": self.pay_by}
 
     @classmethod
-    def from_fields(cls, fields: Mapping[str, str]) -> "Purchase | None":
+    def from_fields(cls, fields: Mapping[str, str]) -> Purchase | None:
         """From a stream entry or an order record (Redis strings); None if malformed."""
         try:
             pay_by = fields.get("pay_by") or ""
@@ -113,7 +114,7 @@ class Order:
         return self.purchase.units
 
     @classmethod
-    def from_record(cls, record: Mapping[str, str]) -> "Order":
+    def from_record(cls, record: Mapping[str, str]) -> Order:
         purchase = Purchase.from_fields(record)
         if purchase is None:
             raise ValueError(f"malformed order record: {dict(record)!r}")

@@ -48,10 +48,12 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Sequence
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
+
 from devtools.processes import free_port
 
 WRK_SCRIPT = Path(__file__).resolve().parent / "wrk" / "seckill.lua"
@@ -109,10 +111,10 @@ def serve_gateway(port: int, batch: bool) -> None:
 
     from gateway.app import create_app
     from gateway.config import load_settings
+    from gateway.http.context import GATEWAY
+    from gateway.http.server import serve_app
     from gateway.logs import setup_logging
     from gateway.store.connection import make_batcher
-    from gateway.http.server import serve_app
-    from gateway.http.context import GATEWAY
 
     setup_logging("WARNING")
     settings = load_settings()

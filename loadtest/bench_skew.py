@@ -44,8 +44,8 @@ from typing import Any
 
 from aiohttp import ClientSession, ClientTimeout, TCPConnector
 
-from devtools.redis_cluster import LocalCluster
 from devtools.processes import free_port
+from devtools.redis_cluster import LocalCluster
 
 SHARDS = 16
 HOT_SHARD = 3

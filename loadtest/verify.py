@@ -54,17 +54,18 @@ import sqlite3
 import sys
 import time
 from collections import Counter, defaultdict
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 from urllib.parse import unquote, urlparse
 
 import orjson
 
 from gateway.config import ConfigError, Settings, load_settings
-from gateway.store.keys import KeySpace, shard_of_order
 from gateway.models import Order, Sale, Transfer
 from gateway.store.connection import connect
+from gateway.store.keys import KeySpace, shard_of_order
 from gateway.store.store import Store
 
 LOADTEST_DIR = Path(__file__).resolve().parent

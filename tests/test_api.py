@@ -9,8 +9,7 @@ import time
 import pytest
 
 from gateway.admission.tokens import TokenIssuer
-
-from .conftest import Api, new_sku, serve
+from tests.support.api import Api, new_sku, serve
 
 
 async def test_token_is_issued_to_the_caller(api: Api):

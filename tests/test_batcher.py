@@ -9,7 +9,8 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import uuid
-from typing import Any, AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
 
 import pytest
 import pytest_asyncio
@@ -19,20 +20,18 @@ from redis.crc import key_slot
 from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from gateway.store.transport import (Batcher, ClusterBatcher, StandaloneBatcher, batcher_for,
-                                     make_batcher)
-from gateway.store.scripts.purchase import Code as Purchase
-from gateway.config import Settings
 from devtools.redis_cluster import LocalCluster, LocalNode
 from devtools.redis_server import LocalRedis
-from gateway.store.keys import KeySpace
+from gateway.config import Settings
 from gateway.models import Sale
 from gateway.store.connection import REDIS_FAILURES, connect
-from gateway.store.scripts.purchase import SCRIPT as PURCHASE
-from gateway.store.scripts.purchase import admits
+from gateway.store.keys import KeySpace
 from gateway.store.scripts import Script
+from gateway.store.scripts.purchase import SCRIPT as PURCHASE
+from gateway.store.scripts.purchase import Code as Purchase
+from gateway.store.scripts.purchase import admits
 from gateway.store.store import Store
-
+from gateway.store.transport import Batcher, ClusterBatcher, StandaloneBatcher, batcher_for, make_batcher
 
 # Adds ARGV[1] to the counter KEYS[1]; answers the key, the argument and the new value.
 COUNTER_SOURCE = """

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from gateway.store.scripts.compensate import Compensated
 from gateway.store.scripts.mark_delivered import Delivered
-
-from .conftest import serve
+from tests.support.api import serve
 
 
 async def _bought(api, sku, user, token):

@@ -34,18 +34,25 @@ import pytest
 import redis
 from redis.crc import key_slot
 
-from gateway.config import Settings
 from devtools.redis_cluster import LocalCluster
 from devtools.redis_server import LocalRedis
-from gateway.store.keys import KeySpace
+from gateway.config import Settings
 from gateway.store.connection import connect
+from gateway.store.keys import KeySpace
 from gateway.store.scripts import purchase as purchase_script
 from gateway.store.store import Store
 from loadtest import verify
-
-from .failover_fixtures import (ADMIN, Load, Service, create_sale, gateway_env, gateway_service,
-                                metric, orders_service, sale_status)
-
+from tests.support.services import (
+    ADMIN,
+    Load,
+    Service,
+    create_sale,
+    gateway_env,
+    gateway_service,
+    metric,
+    orders_service,
+    sale_status,
+)
 
 SHARDS = 16
 PURCHASE_SHA = purchase_script.SCRIPT.sha
@@ -381,7 +388,8 @@ async def test_gateway_killed_under_load_and_restarted(tmp_path: Path):
 
             assert left_pending > 0, "the kill left nothing pending: no claim was exercised"
             assert first_ok is not None, f"no purchase succeeded after the restart: {report}"
-            assert not load.unexpected(), (load.unexpected()[:5], _logs(gateway))
+            unexpected = load.unexpected(gateway_down=(t_kill, t_up))
+            assert not unexpected, (unexpected[:5], _logs(gateway))
             assert not undelivered, \
                 f"{len(undelivered)} 200s not in the orders store: {undelivered[:3]}"
             assert still_pending == 0, report

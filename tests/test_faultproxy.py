@@ -36,9 +36,9 @@ from devtools.faultproxy import (
     RespScanner,
     command_is,
 )
+from devtools.processes import free_port
 from devtools.redis_cluster import LocalCluster, LocalNode
 from devtools.redis_server import LocalRedis
-from devtools.processes import free_port
 
 TIMEOUT = 0.2  # the clients' socket timeout
 LATE = 0.5  # a late reply: past TIMEOUT

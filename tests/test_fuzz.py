@@ -15,8 +15,8 @@ import re
 import socket
 import time
 import uuid
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Iterator, Sequence
 from urllib.parse import quote
 
 import jwt
@@ -24,16 +24,25 @@ import orjson
 import pytest
 import requests
 import schemathesis
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from schemathesis.checks import (  # built-in checks, looked up by name
-    content_type_conformance, negative_data_rejection, response_headers_conformance,
-    response_schema_conformance, status_code_conformance,
+    content_type_conformance,
+    negative_data_rejection,
+    response_headers_conformance,
+    response_schema_conformance,
+    status_code_conformance,
 )
 
 from gateway.http.openapi import build as build_openapi
-
-from .test_observability import (
-    ADMIN_TOKEN, JWT_SECRET, GatewayProcess, admin_headers, create_sale, gateway_process, http,
+from tests.support.services import (
+    ADMIN_TOKEN,
+    JWT_SECRET,
+    GatewayProcess,
+    admin_headers,
+    gateway_process,
+    http,
+    put_sale,
 )
 
 SALE = "fuzz-sale"        # a sale that exists, so that purchases reach the Lua script
@@ -52,7 +61,7 @@ RAW = settings(max_examples=100, deadline=None, suppress_health_check=[HealthChe
 def gateway(standalone_redis, tmp_path_factory) -> Iterator[GatewayProcess]:
     log = tmp_path_factory.mktemp("fuzz") / "gateway.log"
     with gateway_process(standalone_redis.url, log) as gw:
-        create_sale(gw, SALE, 1_000_000, per_user_limit=PER_USER_LIMIT, shards=16)
+        put_sale(gw, SALE, 1_000_000, per_user_limit=PER_USER_LIMIT, shards=16)
         yield gw
         assert gw.terminate() == 0
         _no_unhandled_errors(gw)

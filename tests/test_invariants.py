@@ -9,11 +9,13 @@ import uuid
 from collections import Counter, defaultdict
 
 import pytest
-from hypothesis import HealthCheck, given, settings as hsettings, strategies as st
+from hypothesis import HealthCheck, given
+from hypothesis import settings as hsettings
+from hypothesis import strategies as st
 
+from gateway.app import Gateway
 from gateway.http.errors import ApiError
 from gateway.models import Sale
-from gateway.app import Gateway
 
 pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 

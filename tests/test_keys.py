@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from hypothesis import given, strategies as st
+from hypothesis import given
+from hypothesis import strategies as st
 from redis.crc import key_slot
 
-from gateway.store.keys import KeySpace, new_order_no, shard_of, shard_of_order, valid_sku
 from gateway.models import Sale
+from gateway.store.keys import KeySpace, new_order_no, shard_of, shard_of_order, valid_sku
 
 any_text = st.text(min_size=1, max_size=80)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
-from .conftest import serve
+from tests.support.api import serve
 
 
 async def test_per_user_rate_limit(backend, sku):

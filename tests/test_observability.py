@@ -7,20 +7,12 @@ on a private Redis, spoken to over HTTP.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import re
 import signal
 import socket
-import subprocess
-import sys
 import time
-import urllib.error
-import urllib.request
 import uuid
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Iterator
 
 import jwt
 import orjson
@@ -30,125 +22,21 @@ from aiohttp import ClientSession, web
 from aiohttp.test_utils import TestClient, TestServer
 from prometheus_client.parser import text_string_to_metric_families
 
-from gateway.app import create_app
 from devtools.redis_server import LocalRedis
-from gateway.store.keys import KeySpace
-from devtools.processes import free_port
+from gateway.app import create_app
 from gateway.http.server import GatewayRunner
-
-from .delivery_fixtures import ORDERS_TOKEN, orders_service, sqlite_url, standalone, upstream  # noqa: F401  (fixtures)
-
-ADMIN_TOKEN = "obs-admin-6f1c2b9e4d"
-TOKEN_SECRET = "obs-token-secret-93a7c5e1"
-JWT_SECRET = "obs-jwt-secret-2d8e4f60b1c3a5e7-9b0c4d1e"
-
-
-# -- a gateway process ----------------------------------------------------------------------
-
-
-@dataclass
-class GatewayProcess:
-    """``python -m gateway serve`` on a free port; its stdout and stderr go to ``log_path``."""
-
-    proc: subprocess.Popen
-    port: int
-    log_path: Path
-    env: dict[str, str] = field(repr=False)
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    @property
-    def prefix(self) -> str:
-        return self.env["SECKILL_KEY_PREFIX"]
-
-    def output(self) -> str:
-        return self.log_path.read_bytes().decode("utf-8", "replace")
-
-    def log_lines(self) -> list[str]:
-        return [line for line in self.output().splitlines() if line.strip()]
-
-    def terminate(self, timeout: float = 30.0) -> int:
-        """SIGTERM, then the exit status (a hang past ``timeout`` fails the test)."""
-        self.proc.send_signal(signal.SIGTERM)
-        return self.proc.wait(timeout=timeout)
-
-
-def gateway_env(redis_url: str, **extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SECKILL_")}
-    env.update({
-        "SECKILL_REDIS_URL": redis_url,
-        "SECKILL_REDIS_MODE": "standalone",
-        "SECKILL_KEY_PREFIX": f"p{uuid.uuid4().hex[:10]}",
-        "SECKILL_ADMIN_TOKEN": ADMIN_TOKEN,
-        "SECKILL_TOKEN_SECRET": TOKEN_SECRET,
-        "SECKILL_RELAY": "false",
-        "PYTHONUNBUFFERED": "1",
-    })
-    env.update(extra)
-    return env
-
-
-@contextlib.contextmanager
-def gateway_process(redis_url: str, log_path: Path, *, workers: int = 1, ready_timeout: float = 30.0,
-                    **env: str) -> Iterator[GatewayProcess]:
-    """A gateway subprocess, answering on its port when this yields; killed on the way
-    out if the test did not stop it."""
-    port = free_port()
-    full_env = gateway_env(redis_url, **env)
-    with open(log_path, "ab") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "gateway", "serve", "--port", str(port), "--workers", str(workers)],
-            env=full_env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    gw = GatewayProcess(proc, port, log_path, full_env)
-    try:
-        _wait_ready(gw, ready_timeout)
-        yield gw
-    finally:
-        if proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)  # the workers too (their own group)
-            proc.wait()
-
-
-def _wait_ready(gw: GatewayProcess, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        if gw.proc.poll() is not None:
-            raise AssertionError(f"the gateway exited with {gw.proc.returncode}:\n{gw.output()}")
-        try:
-            with urllib.request.urlopen(gw.url + "/healthz", timeout=1) as resp:
-                if resp.status == 200:
-                    return
-        except (urllib.error.URLError, OSError):
-            pass
-        if time.monotonic() > deadline:
-            raise AssertionError(f"the gateway did not answer within {timeout}s:\n{gw.output()}")
-        time.sleep(0.05)
-
-
-def http(gw: GatewayProcess, method: str, path: str, body: bytes | None = None,
-         headers: dict[str, str] | None = None, timeout: float = 10.0) -> tuple[int, dict, bytes]:
-    """One request with the standard library: (status, headers, body)."""
-    request = urllib.request.Request(gw.url + path, data=body, method=method, headers=headers or {})
-    try:
-        with urllib.request.urlopen(request, timeout=timeout) as resp:
-            return resp.status, dict(resp.headers), resp.read()
-    except urllib.error.HTTPError as err:
-        return err.code, dict(err.headers), err.read()
-
-
-def admin_headers() -> dict[str, str]:
-    return {"Authorization": f"Bearer {ADMIN_TOKEN}", "Content-Type": "application/json"}
-
-
-def create_sale(gw: GatewayProcess, sku: str, stock: int, **fields: int) -> dict:
-    status, _, body = http(gw, "PUT", f"/admin/sales/{sku}", orjson.dumps({"stock": stock, **fields}),
-                           admin_headers())
-    assert status == 201, body
-    return orjson.loads(body)
-
+from gateway.store.keys import KeySpace
+from tests.support.delivery import ORDERS_TOKEN, orders_service, upstream
+from tests.support.services import (
+    ADMIN_TOKEN,
+    JWT_SECRET,
+    TOKEN_SECRET,
+    GatewayProcess,
+    admin_headers,
+    gateway_process,
+    http,
+    put_sale,
+)
 
 # -- helpers for the tests below ------------------------------------------------------------
 
@@ -206,7 +94,7 @@ async def test_sigterm_drains_requests_in_flight_and_the_relay(private_redis, sq
                              SECKILL_KEY_MODE="client",
                              SECKILL_REDIS_TIMEOUT="10", SECKILL_REQUEST_TIMEOUT="15") as gw:
             sku = f"drain-{uuid.uuid4().hex[:6]}"
-            await asyncio.to_thread(create_sale, gw, sku, n + 10, shards=shards)
+            await asyncio.to_thread(put_sale, gw, sku, n + 10, shards=shards)
 
             async def buy(user: int) -> tuple[int, dict]:
                 headers = {"X-User-Id": str(user), "X-Idempotency-Key": f"drain-key-{user:08d}"}
@@ -222,7 +110,7 @@ async def test_sigterm_drains_requests_in_flight_and_the_relay(private_redis, sq
                     in_flight = sample(await scrape(session, gw), "seckill_in_flight_requests")
                     return in_flight is not None and in_flight >= n + 1  # and this scrape
                 await wait_for(all_in_flight, "every purchase is in flight")
-                gw.proc.send_signal(signal.SIGTERM)
+                gw.process.send_signal(signal.SIGTERM)
                 signalled = time.monotonic()
                 await asyncio.sleep(0.5)
                 with pytest.raises(ConnectionRefusedError):  # draining: no new connections
@@ -232,7 +120,7 @@ async def test_sigterm_drains_requests_in_flight_and_the_relay(private_redis, sq
             answers = await asyncio.gather(*calls)
             assert [status for status, _ in answers] == [200] * n, answers
             assert all(body["code"] == "OK" and body["units"] for _, body in answers)
-            assert await asyncio.to_thread(gw.proc.wait, 30) == 0, gw.output()
+            assert await asyncio.to_thread(gw.process.wait, 30) == 0, gw.output()
             # Within the bounds: 10 s for the HTTP drain (here: the Redis stall), then up
             # to 5 s for the relay to catch up.
             assert time.monotonic() - signalled < 15
@@ -275,7 +163,7 @@ async def test_metrics_after_some_traffic(private_redis, sqlite_url, tmp_path):
                              SECKILL_KEY_MODE="client",
                              SECKILL_REDIS_TIMEOUT="0.5") as gw:
             sku = f"m-{uuid.uuid4().hex[:6]}"
-            await asyncio.to_thread(create_sale, gw, sku, stock, shards=shards)
+            await asyncio.to_thread(put_sale, gw, sku, stock, shards=shards)
 
             async def buy(user: int) -> int:
                 headers = {"X-User-Id": str(user), "X-Idempotency-Key": f"metrics-key-{user:08d}"}
@@ -364,7 +252,7 @@ async def test_logs_are_few_json_lines_without_secrets(private_redis, tmp_path):
         with gateway_process(private_redis.url, tmp_path / "gateway.log", SECKILL_AUTH="jwt",
                              SECKILL_JWT_SECRET=JWT_SECRET, SECKILL_REDIS_TIMEOUT="0.3") as gw:
             sku = f"l-{uuid.uuid4().hex[:6]}"
-            await asyncio.to_thread(create_sale, gw, sku, 1000, per_user_limit=1)
+            await asyncio.to_thread(put_sale, gw, sku, 1000, per_user_limit=1)
 
             def bearer(user: int) -> dict[str, str]:
                 token = jwt.encode({"sub": str(user), "exp": int(time.time()) + 600}, JWT_SECRET,
@@ -463,7 +351,7 @@ async def test_two_workers_share_one_port_and_stop_on_sigterm(standalone_redis, 
             pids = [orjson.loads(line)["pid"] for line in gw.log_lines() if '"listening"' in line]
             return pids if len(pids) == 2 else []
         pids = await wait_for(listening, "both workers listen")
-        assert len(set(pids)) == 2 and gw.proc.pid not in pids
+        assert len(set(pids)) == 2 and gw.process.pid not in pids
 
         hits = 40
         for _ in range(hits):  # a connection each: the kernel spreads them over the workers

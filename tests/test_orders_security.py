@@ -12,21 +12,21 @@ import shlex
 import signal
 import sys
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import orjson
 import pytest
 from aiohttp import ClientSession
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
+from devtools.processes import free_port
 from gateway.cli import build_parser
 from gateway.config import ConfigError, Settings
 from gateway.orders import signing
 from gateway.orders.config import OrdersConfig, with_dev_secrets
-from devtools.processes import free_port
-
-from .delivery_fixtures import ORDERS_TOKEN, PAYMENT_SECRET, database_url, eventually  # noqa: F401
-from .test_orders_service import Client, client, new_no  # noqa: F401  (fixtures)
+from tests.support.delivery import ORDERS_TOKEN, PAYMENT_SECRET, eventually
+from tests.support.orders import Client, new_no
 
 
 def notice(order_no: str, notify_id: str = "n-1", amount: int = 500) -> bytes:
@@ -34,22 +34,22 @@ def notice(order_no: str, notify_id: str = "n-1", amount: int = 500) -> bytes:
                          "status": "SUCCESS"})
 
 
-async def nothing_changed(client: Client, pending: str, cancelled: str) -> None:
+async def nothing_changed(orders_client: Client, pending: str, cancelled: str) -> None:
     """The pending order is still pending, the cancelled one still cancelled, and no
     payment (nor refund) was recorded."""
-    assert (await client.get(pending))[1]["state_version"] == 1
-    assert (await client.get(cancelled))[1]["state"] == "cancelled"
-    assert await client.refunds() == []
-    async with client.service.db.transaction(readonly=True) as tx:
+    assert (await orders_client.get(pending))[1]["state_version"] == 1
+    assert (await orders_client.get(cancelled))[1]["state"] == "cancelled"
+    assert await orders_client.refunds() == []
+    async with orders_client.service.db.transaction(readonly=True) as tx:
         assert await tx.fetchall("SELECT notify_id FROM payments") == []
 
 
-async def two_orders(client: Client) -> tuple[str, str]:
+async def two_orders(orders_client: Client) -> tuple[str, str]:
     """A pending order and a cancelled one (where a notice would be a refund)."""
     pending, cancelled = new_no(), new_no()
-    assert (await client.post_order(pending, [1]))[0] == 201
-    assert (await client.post_order(cancelled, [2]))[0] == 201
-    assert (await client.cancel(cancelled))[0] == 200
+    assert (await orders_client.post_order(pending, [1]))[0] == 201
+    assert (await orders_client.post_order(cancelled, [2]))[0] == 201
+    assert (await orders_client.cancel(cancelled))[0] == 200
     return pending, cancelled
 
 
@@ -84,50 +84,50 @@ BAD_SIGNATURES: dict[str, Callable[[bytes, int], str | None]] = {
 
 @pytest.mark.parametrize("case", list(BAD_SIGNATURES))
 async def test_a_notice_without_a_valid_signature_is_refused_and_changes_nothing(
-        client: Client, case: str):
-    pending, cancelled = await two_orders(client)
+        orders_client: Client, case: str):
+    pending, cancelled = await two_orders(orders_client)
     for order_no in (pending, cancelled):
         body = notice(order_no)
         header = BAD_SIGNATURES[case](body, int(time.time()))
         headers = {"Content-Type": "application/json"}
         if header is not None:
             headers[signing.HEADER] = header
-        status, answer = await client.call("POST", "/payments/notify", data=body,
+        status, answer = await orders_client.call("POST", "/payments/notify", data=body,
                                            headers=headers, auth=False)
         assert (status, answer["code"]) == (401, "SIGNATURE_INVALID"), answer
-    await nothing_changed(client, pending, cancelled)
+    await nothing_changed(orders_client, pending, cancelled)
     # The same notices, signed, work (and the refused ones did not use up the notify_id).
-    assert (await client.notify_raw(notice(pending)))[0] == 200
-    assert (await client.notify_raw(notice(cancelled, "n-2")))[1]["code"] == "ORDER_CLOSED"
+    assert (await orders_client.notify_raw(notice(pending)))[0] == 200
+    assert (await orders_client.notify_raw(notice(cancelled, "n-2")))[1]["code"] == "ORDER_CLOSED"
 
 
-async def test_a_signed_notice_is_checked_before_its_body(client: Client):
+async def test_a_signed_notice_is_checked_before_its_body(orders_client: Client):
     """Garbage with a bad signature is a 401, not a 400: nothing is read unsigned."""
     t = int(time.time())
-    status, answer = await client.notify_raw(b"{nope", signature=f"t={t},v1={'0' * 64}")
+    status, answer = await orders_client.notify_raw(b"{nope", signature=f"t={t},v1={'0' * 64}")
     assert (status, answer["code"]) == (401, "SIGNATURE_INVALID")
-    status, answer = await client.notify_raw(b"{nope")
+    status, answer = await orders_client.notify_raw(b"{nope")
     assert (status, answer["code"]) == (400, "BAD_REQUEST")
 
 
 async def test_signatures_within_the_tolerance_and_during_key_rotation_are_accepted(
-        client: Client):
+        orders_client: Client):
     order_no = new_no()
-    await client.post_order(order_no, [1])
+    await orders_client.post_order(order_no, [1])
     body = notice(order_no, "n-1")
     # 290 s old (a provider's retry, or a slow clock): still fresh.
     t = int(time.time())
-    assert (await client.notify_raw(body, signing.sign(PAYMENT_SECRET, body, t - 290)))[0] == 200
+    assert (await orders_client.notify_raw(body, signing.sign(PAYMENT_SECRET, body, t - 290)))[0] == 200
     # Rotation: signed with the new secret and the old one; the receiver knows one.
     body = notice(order_no, "n-2")
     rotated = (f"t={t},v1={signing.signature('the-next-secret', body, t)},"
                f"v1={signing.signature(PAYMENT_SECRET, body, t)},v0=ignored")
-    status, answer = await client.notify_raw(body, rotated)
+    status, answer = await orders_client.notify_raw(body, rotated)
     assert status == 200 and answer["state"] == "paid"
     # Upper-case hex and spaces around items are the same signature.
     body = notice(order_no, "n-3")
     sig = signing.signature(PAYMENT_SECRET, body, t)
-    assert (await client.notify_raw(body, f" t={t} , v1={sig.upper()} "))[0] == 200
+    assert (await orders_client.notify_raw(body, f" t={t} , v1={sig.upper()} "))[0] == 200
 
 
 # Header values as bytes on the wire: any visible character, space, tab, non-ASCII
@@ -142,20 +142,20 @@ STRUCTURED = st.lists(PIECES, max_size=12).map(lambda parts: "".join(parts).enco
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(header=st.one_of(HEADER_BYTES, STRUCTURED))
-async def test_random_signature_headers_are_401_never_500(client: Client, header: bytes):
+async def test_random_signature_headers_are_401_never_500(orders_client: Client, header: bytes):
     order_no = "fuzzed-order"
-    await client.post_order(order_no, [1])  # the first example stores it; later ones: 409
+    await orders_client.post_order(order_no, [1])  # the first example stores it; later ones: 409
     body = notice(order_no, "n-fuzz")
-    status, answer = await raw_request(client, b"POST", b"/payments/notify", [
+    status, answer = await raw_request(orders_client, b"POST", b"/payments/notify", [
         (b"Content-Type", b"application/json"), (signing.HEADER.encode(), header)], body)
     assert (status, answer["code"]) == (401, "SIGNATURE_INVALID"), (header, answer)
-    assert (await client.get(order_no))[1]["state"] == "pending"
+    assert (await orders_client.get(order_no))[1]["state"] == "pending"
 
 
-async def raw_request(client: Client, method: bytes, path: bytes,
+async def raw_request(orders_client: Client, method: bytes, path: bytes,
                       headers: list[tuple[bytes, bytes]], body: bytes = b"") -> tuple[int, dict]:
-    """One request written byte for byte (what aiohttp's client would refuse to send)."""
-    server = client.service.server
+    """One request written byte for byte (what aiohttp's orders_client would refuse to send)."""
+    server = orders_client.service.server
     reader, writer = await asyncio.open_connection(server.host, server.port)
     lines = [method + b" " + path + b" HTTP/1.1", b"Host: 127.0.0.1", b"Connection: close",
              b"Content-Length: %d" % len(body), *(name + b": " + value for name, value in headers)]
@@ -178,42 +178,42 @@ BAD_BEARERS = [None, "", "Bearer", "Bearer wrong-token", f"Basic {ORDERS_TOKEN}"
 
 
 @pytest.mark.parametrize("method,path", PROTECTED)
-async def test_each_call_needs_the_bearer_token(client: Client, method: str, path: str):
+async def test_each_call_needs_the_bearer_token(orders_client: Client, method: str, path: str):
     order_no, other = new_no(), new_no()
-    await client.post_order(order_no, [1])
-    await client.notify("n-1", order_no)  # paid: shipping would move it
+    await orders_client.post_order(order_no, [1])
+    await orders_client.notify("n-1", order_no)  # paid: shipping would move it
     body = {"order_no": other, "sku": "sku-1", "user_id": 1, "units": [2], "quantity": 1,
             "amount": 500}
     for bearer in BAD_BEARERS:
         headers = {"If-Match": "2", "Idempotency-Key": other}
         if bearer is not None:
             headers["Authorization"] = bearer
-        status, answer = await client.call(method, path.format(no=order_no), body, headers,
+        status, answer = await orders_client.call(method, path.format(no=order_no), body, headers,
                                            auth=False)
         assert (status, answer["code"]) == (401, "UNAUTHENTICATED"), (bearer, answer)
     for raw in (b"Bearer \xe9\xff", b"Bearer " + ORDERS_TOKEN.encode() + b"\xff", b"\xff"):
-        status, answer = await raw_request(client, method.encode(),
+        status, answer = await raw_request(orders_client, method.encode(),
                                            path.format(no=order_no).encode(),
                                            [(b"Authorization", raw), (b"If-Match", b"2")])
         assert (status, answer["code"]) == (401, "UNAUTHENTICATED"), (raw, answer)
     # Nothing moved, nothing was stored; with the token the same call works.
-    assert (await client.get(order_no))[1]["state"] == "paid"
-    assert (await client.get(other))[0] == 404
-    status, _ = await client.call(method, path.format(no=order_no), body,
+    assert (await orders_client.get(order_no))[1]["state"] == "paid"
+    assert (await orders_client.get(other))[0] == 404
+    status, _ = await orders_client.call(method, path.format(no=order_no), body,
                                   {"If-Match": "2", "Idempotency-Key": other})
     assert status in (200, 201, 409)  # 409: a paid order does not cancel
 
 
-async def test_health_is_open_and_unknown_paths_need_the_token(client: Client):
-    status, answer = await client.call("GET", "/healthz", auth=False)
+async def test_health_is_open_and_unknown_paths_need_the_token(orders_client: Client):
+    status, answer = await orders_client.call("GET", "/healthz", auth=False)
     assert status == 200 and answer["database"] == "up"
-    assert (await client.call("GET", "/nowhere", auth=False))[0] == 401
-    assert (await client.call("GET", "/nowhere"))[0] == 404
+    assert (await orders_client.call("GET", "/nowhere", auth=False))[0] == 401
+    assert (await orders_client.call("GET", "/nowhere"))[0] == 404
     # The token is compared as sent: the scheme's case does not matter, the token's does.
-    token = client.service.config.orders_token
-    assert (await client.call("GET", "/refunds", headers={"Authorization": f"bearer {token}"},
+    token = orders_client.service.config.orders_token
+    assert (await orders_client.call("GET", "/refunds", headers={"Authorization": f"bearer {token}"},
                               auth=False))[0] == 200
-    assert (await client.call("GET", "/refunds", headers={"Authorization": f"Bearer {token.upper()}"},
+    assert (await orders_client.call("GET", "/refunds", headers={"Authorization": f"Bearer {token.upper()}"},
                               auth=False))[0] == 401
 
 
@@ -247,14 +247,14 @@ async def _orders_process(database_url: str, port: int, *args: str) -> asyncio.s
         stderr=asyncio.subprocess.PIPE)
 
 
-async def test_orders_serve_refuses_to_start_without_secrets(database_url: str):  # noqa: F811
+async def test_orders_serve_refuses_to_start_without_secrets(database_url: str):
     proc = await _orders_process(database_url, free_port())
     out, err = await asyncio.wait_for(proc.communicate(), 60)
     assert proc.returncode == 2, (out, err)
     assert b"SECKILL_ORDERS_TOKEN and SECKILL_PAYMENT_SECRET" in err and b"--dev" in err
 
 
-async def test_orders_serve_dev_makes_up_secrets_and_prints_them(database_url: str):  # noqa: F811
+async def test_orders_serve_dev_makes_up_secrets_and_prints_them(database_url: str):
     port = free_port()
     proc = await _orders_process(database_url, port, "--dev")
     try:
@@ -308,12 +308,12 @@ def _sign_notify(*args: str) -> None:
     assert parsed.func(parsed) == 0
 
 
-async def test_sign_notify_prints_a_curl_command_that_works(client: Client, capsys, monkeypatch):
+async def test_sign_notify_prints_a_curl_command_that_works(orders_client: Client, capsys, monkeypatch):
     order_no = new_no()
-    await client.post_order(order_no, [1], amount=1234)
+    await orders_client.post_order(order_no, [1], amount=1234)
     monkeypatch.setenv("SECKILL_PAYMENT_SECRET", PAYMENT_SECRET)
     _sign_notify("--notify-id", "n-cli", "--order-no", order_no, "--amount", "1234",
-                 "--url", client.service.url("/"))
+                 "--url", orders_client.service.url("/"))
     command = shlex.split(capsys.readouterr().out)
     assert command[0] == "curl"
     curl = await asyncio.create_subprocess_exec(*command, stdout=asyncio.subprocess.PIPE)
@@ -322,20 +322,20 @@ async def test_sign_notify_prints_a_curl_command_that_works(client: Client, caps
     assert answer["code"] == "OK" and answer["state"] == "paid", answer
 
 
-async def test_sign_notify_prints_header_and_body(client: Client, capsys, monkeypatch):
+async def test_sign_notify_prints_header_and_body(orders_client: Client, capsys, monkeypatch):
     order_no = new_no()
-    await client.post_order(order_no, [1])
+    await orders_client.post_order(order_no, [1])
     _sign_notify("--notify-id", "n-cli", "--order-no", order_no, "--amount", "500",
                  "--secret", PAYMENT_SECRET, "--format", "header")
     header_line, body = capsys.readouterr().out.splitlines()
     name, _, header = header_line.partition(": ")
     assert name == signing.HEADER
-    assert (await client.notify_raw(body.encode(), header))[1]["state"] == "paid"
+    assert (await orders_client.notify_raw(body.encode(), header))[1]["state"] == "paid"
     # The wrong secret is refused by the service; none at all by the command.
     _sign_notify("--notify-id", "n-x", "--order-no", order_no, "--amount", "500",
                  "--secret", "wrong", "--format", "header")
     header_line, body = capsys.readouterr().out.splitlines()
-    assert (await client.notify_raw(body.encode(), header_line.partition(": ")[2]))[0] == 401
+    assert (await orders_client.notify_raw(body.encode(), header_line.partition(": ")[2]))[0] == 401
     monkeypatch.delenv("SECKILL_PAYMENT_SECRET", raising=False)
     with pytest.raises(ConfigError, match="SECKILL_PAYMENT_SECRET"):
         _sign_notify("--notify-id", "n-y", "--order-no", order_no, "--amount", "500")

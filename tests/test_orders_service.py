@@ -2,202 +2,122 @@
 orders stored once, units never twice, payments once per notify_id, shipping guarded by
 the order's version.
 
-``Client`` and the ``client`` fixture serve the other ``test_orders_*`` modules too."""
+"""
 
 from __future__ import annotations
 
 import asyncio
 import sqlite3
-import time
-import uuid
-from typing import AsyncIterator
 
-import orjson
 import pytest
-import pytest_asyncio
 from aiohttp import ClientSession
 from aiohttp.test_utils import TestServer
 
-from gateway.orders import signing
 from gateway.orders.app import create_orders_app
 from gateway.orders.db import NewOrder
 from gateway.orders.sqlite import SqliteOrders
-
-from .delivery_fixtures import (PAYMENT_SECRET, OrdersService, database_url,  # noqa: F401
-                                orders_config, orders_service)
-
-
-class Client:
-    """Calls the orders service over HTTP, as the relay, the shop and a payment provider
-    do: with the bearer token (unless ``auth=False``), notices signed."""
-
-    def __init__(self, service: OrdersService, session: ClientSession) -> None:
-        self.service = service
-        self.session = session
-
-    async def call(self, method: str, path: str, body: dict | list | None = None,
-                   headers: dict | None = None, *, data: bytes | None = None,
-                   auth: bool = True) -> tuple[int, dict]:
-        headers = {**(self.service.auth if auth else {}), **(headers or {})}
-        async with self.session.request(method, self.service.url(path), json=body, data=data,
-                                        headers=headers) as resp:
-            answer = await resp.json(content_type=None)
-            assert isinstance(answer, dict) and answer.get("code"), answer
-            return resp.status, answer
-
-    async def post_order(self, order_no: str, units: list[int], *, sku: str = "sku-1",
-                         amount: int = 500, pay_by: int | None = None,
-                         headers: dict | None = None) -> tuple[int, dict]:
-        body = {"order_no": order_no, "sku": sku, "user_id": 42, "units": units,
-                "quantity": len(units), "amount": amount, "admitted_at": 1700000000000}
-        if pay_by is not None:
-            body["pay_by"] = pay_by
-        return await self.call("POST", "/orders", body,
-                               {"Idempotency-Key": order_no, **(headers or {})})
-
-    async def notify(self, notify_id: str, order_no: str, amount: int = 500,
-                     status: str = "SUCCESS") -> tuple[int, dict]:
-        return await self.notify_raw(orjson.dumps({
-            "notify_id": notify_id, "order_no": order_no, "amount": amount, "status": status}))
-
-    async def notify_raw(self, body: bytes, signature: str | None = None) -> tuple[int, dict]:
-        """POST ``body`` as a notice, signed now with the service's secret unless
-        ``signature`` (the X-Signature header) is given."""
-        if signature is None:
-            signature = signing.sign(PAYMENT_SECRET, body, int(time.time()))
-        return await self.call("POST", "/payments/notify", data=body, auth=False,
-                               headers={"Content-Type": "application/json",
-                                        signing.HEADER: signature})
-
-    async def cancel(self, order_no: str) -> tuple[int, dict]:
-        return await self.call("POST", f"/orders/{order_no}/cancel")
-
-    async def refunds(self) -> list[dict]:
-        status, body = await self.call("GET", "/refunds")
-        assert status == 200, body
-        return body["refunds"]
-
-    async def releases_pending(self) -> int:
-        status, body = await self.call("GET", "/healthz", auth=False)
-        assert status == 200, body
-        return body["releases_pending"]
-
-    async def ship(self, order_no: str, version: int | str | None) -> tuple[int, dict]:
-        headers = {} if version is None else {"If-Match": str(version)}
-        return await self.call("POST", f"/orders/{order_no}/ship", headers=headers)
-
-    async def get(self, order_no: str) -> tuple[int, dict]:
-        return await self.call("GET", f"/orders/{order_no}")
+from tests.support.delivery import orders_config
+from tests.support.orders import Client, new_no
 
 
-@pytest_asyncio.fixture
-async def client(database_url: str) -> AsyncIterator[Client]:  # noqa: F811
-    async with orders_service(database_url) as service, ClientSession() as session:
-        yield Client(service, session)
-
-
-def new_no() -> str:
-    return f"0-{uuid.uuid4().hex}"
-
-
-async def test_order_is_stored_once_and_read_back(client: Client):
+async def test_order_is_stored_once_and_read_back(orders_client: Client):
     order_no = new_no()
-    status, body = await client.post_order(order_no, [3, 4])
+    status, body = await orders_client.post_order(order_no, [3, 4])
     assert status == 201 and body["code"] == "CREATED"
     assert body["state"] == "pending" and body["state_version"] == 1
-    status, body = await client.post_order(order_no, [3, 4])
+    status, body = await orders_client.post_order(order_no, [3, 4])
     assert status == 409 and body["code"] == "ORDER_EXISTS"
-    status, body = await client.get(order_no)
+    status, body = await orders_client.get(order_no)
     assert status == 200
     assert body == {"code": "OK", "order_no": order_no, "sku": "sku-1", "user_id": 42,
                     "units": [3, 4], "quantity": 2, "amount": 500, "admitted_at": 1700000000000,
                     "pay_by": None, "state": "pending", "state_version": 1}
-    status, body = await client.get(new_no())
+    status, body = await orders_client.get(new_no())
     assert status == 404 and body["code"] == "ORDER_NOT_FOUND"
 
 
-async def test_concurrent_deliveries_of_one_order_store_it_once(client: Client):
+async def test_concurrent_deliveries_of_one_order_store_it_once(orders_client: Client):
     order_no = new_no()
-    answers = await asyncio.gather(*(client.post_order(order_no, [1, 2]) for _ in range(20)))
+    answers = await asyncio.gather(*(orders_client.post_order(order_no, [1, 2]) for _ in range(20)))
     assert sorted(status for status, _ in answers) == [201] + [409] * 19
     assert {body["code"] for status, body in answers if status == 409} == {"ORDER_EXISTS"}
-    assert [o.order_no for o in await client.service.db.list_orders("sku-1")] == [order_no]
+    assert [o.order_no for o in await orders_client.service.db.list_orders("sku-1")] == [order_no]
 
 
-async def test_unit_held_by_another_order_is_refused_and_nothing_is_stored(client: Client):
+async def test_unit_held_by_another_order_is_refused_and_nothing_is_stored(orders_client: Client):
     first, second = new_no(), new_no()
-    assert (await client.post_order(first, [1, 2]))[0] == 201
-    status, body = await client.post_order(second, [2, 3, 1])
+    assert (await orders_client.post_order(first, [1, 2]))[0] == 201
+    status, body = await orders_client.post_order(second, [2, 3, 1])
     assert status == 409 and body["code"] == "UNIT_TAKEN" and sorted(body["units"]) == [1, 2]
-    assert (await client.get(second))[0] == 404
+    assert (await orders_client.get(second))[0] == 404
     # One transaction: the free unit 3 was not kept either, so another order may take it.
-    assert (await client.post_order(new_no(), [3]))[0] == 201
+    assert (await orders_client.post_order(new_no(), [3]))[0] == 201
     # Units are per SKU.
-    assert (await client.post_order(new_no(), [1, 2], sku="sku-2"))[0] == 201
+    assert (await orders_client.post_order(new_no(), [1, 2], sku="sku-2"))[0] == 201
 
 
-async def test_orders_racing_for_one_unit_have_one_winner(client: Client):
-    answers = await asyncio.gather(*(client.post_order(new_no(), [7, 100 + i]) for i in range(10)))
+async def test_orders_racing_for_one_unit_have_one_winner(orders_client: Client):
+    answers = await asyncio.gather(*(orders_client.post_order(new_no(), [7, 100 + i]) for i in range(10)))
     assert sorted(status for status, _ in answers) == [201] + [409] * 9
     assert all(body["units"] == [7] for status, body in answers if status == 409)
-    stored = await client.service.db.list_orders("sku-1")
+    stored = await orders_client.service.db.list_orders("sku-1")
     assert len(stored) == 1
 
 
-async def test_same_notification_twenty_times_moves_the_order_once(client: Client):
+async def test_same_notification_twenty_times_moves_the_order_once(orders_client: Client):
     order_no = new_no()
-    await client.post_order(order_no, [1])
-    answers = await asyncio.gather(*(client.notify("n-1", order_no) for _ in range(20)))
+    await orders_client.post_order(order_no, [1])
+    answers = await asyncio.gather(*(orders_client.notify("n-1", order_no) for _ in range(20)))
     assert {(status, body["code"]) for status, body in answers} == {(200, "OK")}
     assert sum(not body["duplicate"] for _, body in answers) == 1
-    status, body = await client.get(order_no)
+    status, body = await orders_client.get(order_no)
     assert body["state"] == "paid" and body["state_version"] == 2  # exactly one transition
     # Another notification for the paid order is recorded without a second move.
-    status, body = await client.notify("n-2", order_no)
+    status, body = await orders_client.notify("n-2", order_no)
     assert status == 200 and body["state"] == "paid" and body["state_version"] == 2
-    async with client.service.db.transaction(readonly=True) as tx:
+    async with orders_client.service.db.transaction(readonly=True) as tx:
         rows = await tx.fetchall("SELECT notify_id FROM payments WHERE order_no = $1", order_no)
     assert sorted(r[0] for r in rows) == ["n-1", "n-2"]
 
 
-async def test_payment_notification_errors(client: Client):
+async def test_payment_notification_errors(orders_client: Client):
     order_no = new_no()
-    await client.post_order(order_no, [1], amount=500)
-    status, body = await client.notify("n-a", order_no, amount=499)
+    await orders_client.post_order(order_no, [1], amount=500)
+    status, body = await orders_client.notify("n-a", order_no, amount=499)
     assert status == 422 and body["code"] == "AMOUNT_MISMATCH"
-    status, body = await client.notify("n-b", new_no())
+    status, body = await orders_client.notify("n-b", new_no())
     assert status == 404 and body["code"] == "ORDER_NOT_FOUND"
-    assert (await client.get(order_no))[1]["state"] == "pending"  # neither had an effect
+    assert (await orders_client.get(order_no))[1]["state"] == "pending"  # neither had an effect
     # A failed payment is recorded, and moves nothing.
-    status, body = await client.notify("n-c", order_no, status="FAILED")
+    status, body = await orders_client.notify("n-c", order_no, status="FAILED")
     assert status == 200 and body["state"] == "pending"
     # The same notify_id for another payment is not a repeat.
-    status, body = await client.notify("n-c", order_no, status="SUCCESS")
+    status, body = await orders_client.notify("n-c", order_no, status="SUCCESS")
     assert status == 409 and body["code"] == "NOTIFY_ID_REUSED"
-    status, body = await client.notify_raw(b'{"notify_id": "x"}')
+    status, body = await orders_client.notify_raw(b'{"notify_id": "x"}')
     assert status == 400 and body["code"] == "BAD_REQUEST"
 
 
-async def test_shipping_is_guarded_by_state_and_version(client: Client):
+async def test_shipping_is_guarded_by_state_and_version(orders_client: Client):
     order_no = new_no()
-    await client.post_order(order_no, [1])
-    status, body = await client.ship(order_no, None)
+    await orders_client.post_order(order_no, [1])
+    status, body = await orders_client.ship(order_no, None)
     assert status == 428 and body["code"] == "PRECONDITION_REQUIRED"
-    status, body = await client.ship(order_no, 1)
+    status, body = await orders_client.ship(order_no, 1)
     assert status == 409 and body["code"] == "INVALID_STATE" and body["state"] == "pending"
-    await client.notify("n-1", order_no)
-    status, body = await client.ship(order_no, 1)
+    await orders_client.notify("n-1", order_no)
+    status, body = await orders_client.ship(order_no, 1)
     assert status == 412 and body["code"] == "PRECONDITION_FAILED" and body["state_version"] == 2
-    status, body = await client.ship(new_no(), 1)
+    status, body = await orders_client.ship(new_no(), 1)
     assert status == 404
-    status, body = await client.ship(order_no, "abc")
+    status, body = await orders_client.ship(order_no, "abc")
     assert status == 400
     # Two clerks ship with the version they read: one wins.
-    answers = await asyncio.gather(*(client.ship(order_no, '"2"') for _ in range(5)))
+    answers = await asyncio.gather(*(orders_client.ship(order_no, '"2"') for _ in range(5)))
     assert sorted(status for status, _ in answers) == [200, 412, 412, 412, 412]
-    status, body = await client.get(order_no)
+    status, body = await orders_client.get(order_no)
     assert body["state"] == "shipped" and body["state_version"] == 3
-    status, body = await client.ship(order_no, 3)
+    status, body = await orders_client.ship(order_no, 3)
     assert status == 409 and body["code"] == "INVALID_STATE"
 
 
@@ -211,27 +131,27 @@ async def test_shipping_is_guarded_by_state_and_version(client: Client):
     {"order_no": "o1", "sku": "s", "user_id": 1, "units": [], "quantity": 0, "amount": 0},
     [1, 2],
 ])
-async def test_malformed_orders_are_refused(client: Client, body):
-    status, answer = await client.call("POST", "/orders", body)
+async def test_malformed_orders_are_refused(orders_client: Client, body):
+    status, answer = await orders_client.call("POST", "/orders", body)
     assert status == 400 and answer["code"] == "BAD_REQUEST"
 
 
-async def test_every_answer_is_json_with_a_code(client: Client):
-    status, body = await client.post_order("o-1", [1], headers={"Idempotency-Key": "o-2"})
+async def test_every_answer_is_json_with_a_code(orders_client: Client):
+    status, body = await orders_client.post_order("o-1", [1], headers={"Idempotency-Key": "o-2"})
     assert status == 400  # the key must name the order it comes with
-    async with client.session.post(client.service.url("/orders"), data=b"{nope",
-                                   headers=client.service.auth) as resp:
+    async with orders_client.session.post(orders_client.service.url("/orders"), data=b"{nope",
+                                   headers=orders_client.service.auth) as resp:
         assert resp.status == 400 and (await resp.json())["code"] == "BAD_REQUEST"
-    assert (await client.call("GET", "/nowhere"))[1]["code"] == "NOT_FOUND"
-    assert (await client.call("PUT", "/orders"))[1]["code"] == "METHOD_NOT_ALLOWED"
-    assert (await client.call("GET", "/healthz")) == (200, {"code": "OK", "database": "up",
+    assert (await orders_client.call("GET", "/nowhere"))[1]["code"] == "NOT_FOUND"
+    assert (await orders_client.call("PUT", "/orders"))[1]["code"] == "METHOD_NOT_ALLOWED"
+    assert (await orders_client.call("GET", "/healthz")) == (200, {"code": "OK", "database": "up",
                                                             "releases_pending": 0})
 
 
-async def test_schema_has_the_names_the_verifier_reads(client: Client):
-    await client.post_order("o-1", [5])
-    await client.notify("n-1", "o-1")
-    async with client.service.db.transaction(readonly=True) as tx:
+async def test_schema_has_the_names_the_verifier_reads(orders_client: Client):
+    await orders_client.post_order("o-1", [5])
+    await orders_client.notify("n-1", "o-1")
+    async with orders_client.service.db.transaction(readonly=True) as tx:
         order = await tx.fetchone(
             "SELECT order_no, sku, user_id, quantity, amount, units, admitted_at, state, "
             "state_version, created_at FROM orders")
@@ -267,10 +187,10 @@ async def test_a_locked_sqlite_database_answers_503(tmp_path):
             await server.close()
 
 
-async def test_a_cancelled_request_leaves_the_store_usable(client: Client):
-    """A handler cancelled mid-transaction (the client went away) must not leave the
+async def test_a_cancelled_request_leaves_the_store_usable(orders_client: Client):
+    """A handler cancelled mid-transaction (the orders_client went away) must not leave the
     connection inside a transaction, or every later request would fail."""
-    db = client.service.db
+    db = orders_client.service.db
     for step in range(4):  # cancel at successive points of the transaction
         task = asyncio.create_task(db.insert_order(NewOrder(f"c-{step}", "sku-c", 1, (step + 1,), 1, 0)))
         for _ in range(step):

@@ -25,25 +25,24 @@ from collections import Counter
 from dataclasses import dataclass
 
 import pytest
-from hypothesis import HealthCheck, settings as hsettings, strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
-from hypothesis.stateful import run_state_machine_as_test
+from hypothesis import HealthCheck
+from hypothesis import settings as hsettings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule, run_state_machine_as_test
 
-from gateway.store.scripts.purchase import Code as Purchase
-from gateway.store.scripts.transfer import Applied as TransferIn
-from gateway.config import Settings
-from gateway.store.keys import KeySpace, shard_of
-from gateway.models import Order, Sale, Transfer
+from gateway.admission.moves import Rebalancer, Refill
 from gateway.admission.purchase import PurchaseService
 from gateway.admission.returns import Returns
-from gateway.admission.soldout import SoldOut
-from gateway.admission.moves import Rebalancer, Refill
-from gateway.store.connection import connect
 from gateway.admission.sales import SaleCache
+from gateway.admission.soldout import SoldOut
+from gateway.config import Settings
+from gateway.models import Order, Sale, Transfer
+from gateway.store.connection import connect
+from gateway.store.keys import KeySpace, shard_of
+from gateway.store.scripts.purchase import Code as Purchase
+from gateway.store.scripts.transfer import Applied as TransferIn
 from gateway.store.store import Store
-
-from .conftest import Api, Backend, new_sku, serve
-
+from tests.support.api import Api, Backend, new_sku, serve
 
 # -- reading what Redis holds ------------------------------------------------------------
 

@@ -12,21 +12,29 @@ import os
 import signal
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 from aiohttp import ClientSession
 
-from gateway.orders.db import NewOrder, open_orders_db
-from gateway.delivery.endpoint import Verdict, judge
 from devtools.processes import free_port
-
-from .conftest import Backend, new_sku, serve
-from .delivery_fixtures import (  # noqa: F401  (fixtures)
-    ORDERS_TOKEN, PAYMENT_SECRET, admit, all_delivered, backlog, database_url, eventually,
-    gateway_orders, orders_service,
-    running_relay, settled, sqlite_url, standalone, statuses, upstream,
+from gateway.delivery.endpoint import Verdict, judge
+from gateway.orders.db import NewOrder, open_orders_db
+from tests.support.api import Backend, new_sku, serve
+from tests.support.delivery import (
+    ORDERS_TOKEN,
+    PAYMENT_SECRET,
+    admit,
+    all_delivered,
+    backlog,
+    eventually,
+    gateway_orders,
+    orders_service,
+    running_relay,
+    settled,
+    statuses,
+    upstream,
 )
 
 

@@ -7,7 +7,7 @@ import time
 import jwt
 import pytest
 
-from .conftest import serve
+from tests.support.api import serve
 
 SECRET = "a-test-secret-of-a-decent-length-0123456789"
 

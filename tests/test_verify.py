@@ -13,17 +13,16 @@ import asyncio
 import json
 import re
 import sqlite3
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 import pytest
 
-from gateway.store.keys import new_order_no, shard_of_order
 from gateway.models import Order, Purchase, Transfer
+from gateway.store.keys import new_order_no, shard_of_order
 from loadtest import verify
 from loadtest.verify import Snapshot, Violation, check, collect
-
-from .conftest import Api, Backend
+from tests.support.api import Api, Backend
 
 SCHEMA = """
 CREATE TABLE orders (
@@ -324,7 +323,7 @@ async def test_catches_a_200_without_an_order(api: Api, sku: str, tmp_path: Path
 async def test_catches_a_malformed_record_line(api: Api, sku: str, tmp_path: Path):
     run = await small_run(api, sku, tmp_path)
     with open(run.record, "a") as fh:
-        fh.write('{"sku": "%s", "order_no": "0-ab", "uni' % sku + "\n")
+        fh.write(f'{{"sku": "{sku}", "order_no": "0-ab", "uni' + "\n")
     assert "record_malformed" in kinds(check(await run.snapshot()))
 
 

@@ -23,8 +23,8 @@ import asyncio
 import enum
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 from gateway.admission.snapshot import shards_fingerprint, transfers_of, until_stable
 from gateway.models import Sale, ShardState, Transfer
@@ -43,7 +43,7 @@ class Refill(enum.Enum):
 class Rebalancer:
     store: Store
     max_rounds: int = 4
-    _in_flight: dict[tuple[str, int], asyncio.Future] = field(default_factory=dict)
+    _in_flight: dict[tuple[str, int], asyncio.Future[Refill]] = field(default_factory=dict)
     # Units asked for by the callers of each running refill (the first and those who
     # joined it): the demand on the receiving shard right now.
     _demand: dict[tuple[str, int], int] = field(default_factory=dict)
@@ -62,7 +62,7 @@ class Rebalancer:
             # "Insufficient" was judged against the first caller's quantity; a caller
             # asking for fewer units may still be served: let it try again.
             return Refill.RETRY if result is Refill.INSUFFICIENT else result
-        future: asyncio.Future = asyncio.get_running_loop().create_future()
+        future: asyncio.Future[Refill] = asyncio.get_running_loop().create_future()
         self._in_flight[key] = future
         self._demand[key] = need
         try:

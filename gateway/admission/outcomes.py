@@ -8,6 +8,7 @@ code to its status and body, the first time and on every replay of the key.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from gateway.http.errors import ApiError, bad_request
 from gateway.models import Sale
@@ -24,17 +25,17 @@ MESSAGES = {
 @dataclass(frozen=True, slots=True)
 class Outcome:
     status: int
-    body: dict
+    body: dict[str, Any]
     headers: dict[str, str] | None = None
 
 
-def outcome_body(code: str, sku: str, user_id: int, order_no: str, units: tuple[int, ...]) -> dict:
+def outcome_body(code: str, sku: str, user_id: int, order_no: str, units: tuple[int, ...]) -> dict[str, Any]:
     """The body of a recorded outcome; built the same way the first time and on every
     replay of its key."""
     if code == "OK":
         return {"code": "OK", "order_no": order_no, "sku": sku, "user_id": user_id,
                 "units": list(units)}
-    body: dict = {"code": code, "message": MESSAGES.get(code, "")}
+    body: dict[str, Any] = {"code": code, "message": MESSAGES.get(code, "")}
     if code == "ALREADY_PURCHASED":
         body["order_no"] = order_no or None
     return body

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import random
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Awaitable, Callable
 
 from gateway.admission.moves import Rebalancer, Refill
 from gateway.admission.outcomes import Outcome, render

@@ -7,8 +7,8 @@ to be sold out, so the next buyers get those units.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Iterable
 
 from gateway.admission.soldout import SoldOut
 from gateway.models import Order

@@ -10,8 +10,9 @@ stock, and the load verifier to check the invariants.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable, Hashable
 from dataclasses import dataclass
-from typing import Awaitable, Callable, Hashable, TypeVar
+from typing import TypeVar
 
 from gateway.models import Sale, ShardState, Transfer
 from gateway.store.store import Store

@@ -25,8 +25,9 @@ import asyncio
 import logging
 import os
 import socket
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, Awaitable, Callable, TypeVar
+from typing import Any, TypeVar
 
 import aiohttp
 import orjson
@@ -72,7 +73,7 @@ class RelayConfig:
     forget_consumers_ms: int = 3_600_000  # drop idle consumers with nothing pending
 
     @classmethod
-    def from_settings(cls, settings: Settings, **overrides: Any) -> "RelayConfig":
+    def from_settings(cls, settings: Settings, **overrides: Any) -> RelayConfig:
         """``SECKILL_RELAY_CLAIM_IDLE_MS`` is the one setting of the claim time. Claim
         rounds also keep our own in-flight entries fresh: they must come well within the
         idle time after which other relays take entries over."""
@@ -105,11 +106,11 @@ class Relay:
         self._background: list[asyncio.Task[None]] = []
         self._readers: dict[int, asyncio.Task[None]] = {}
         self._in_flight: dict[tuple[str, str], asyncio.Task[None]] = {}
-        self._stopping = False
+        self._stopping = asyncio.Event()
 
     @classmethod
     def from_settings(cls, settings: Settings, metrics: Metrics | None = None,
-                      config: RelayConfig | None = None) -> "Relay":
+                      config: RelayConfig | None = None) -> Relay:
         """A relay with its own Redis client: its blocking reads need a socket timeout
         longer than the BLOCK time, and must not hold the gateway's connections."""
         if not settings.upstream_url:
@@ -144,7 +145,7 @@ class Relay:
         is delivered by the next relay to read or claim it."""
         if self._session is None:
             return
-        self._stopping = True
+        self._stopping.set()
         await cancel_and_wait([*self._background, *self._readers.values()])
         pending = list(self._in_flight.values())
         if pending:
@@ -155,12 +156,12 @@ class Relay:
         await self._session.close()
         self._session = None
         self._background, self._readers = [], {}
-        self._stopping = False
+        self._stopping.clear()
         if self.owns_store:
             await self.store.close()
         log.info("relay stopped", extra={"consumer": self.config.consumer})
 
-    async def __aenter__(self) -> "Relay":
+    async def __aenter__(self) -> Relay:
         self.start()
         return self
 
@@ -176,7 +177,7 @@ class Relay:
     async def _discover_forever(self) -> None:
         """One reader per shard stream; sales (and so shards) appear at any time."""
         outage = RedisOutage()
-        while not self._stopping:
+        while not self._stopping.is_set():
             with outage:
                 count = await self.streams.shard_count(await self.store.list_sales())
                 for shard in range(len(self._readers), count):
@@ -195,7 +196,7 @@ class Relay:
         group_ready = False
         failures = 0
         outage = RedisOutage()
-        while not self._stopping:
+        while not self._stopping.is_set():
             entries: list[tuple[str, dict[str, str]]] = []
             with outage:
                 if not group_ready:
@@ -219,7 +220,7 @@ class Relay:
                 await asyncio.sleep(self._pause(failures))
                 continue
             for entry_id, fields in entries:
-                if self._stopping:
+                if self._stopping.is_set():
                     break
                 await self._dispatch(stream, entry_id, fields)
 
@@ -227,7 +228,7 @@ class Relay:
         """Keep our in-flight entries fresh; take over entries other relays left behind."""
         rounds = 0
         outage = RedisOutage()
-        while not self._stopping:
+        while not self._stopping.is_set():
             await asyncio.sleep(self.config.claim_every)
             rounds += 1
             for shard in list(self._readers):
@@ -242,7 +243,7 @@ class Relay:
                         log.info("relay: claimed stale entries",
                                  extra={"stream": stream, "count": len(stale)})
                     for entry_id, fields in stale:
-                        if self._stopping:
+                        if self._stopping.is_set():
                             break
                         await self._dispatch(stream, entry_id, fields)
                     if rounds % 60 == 0:
@@ -257,7 +258,7 @@ class Relay:
         if key in self._in_flight:
             return
         await self._slots.acquire()
-        if key in self._in_flight or self._stopping:  # (read and claimed at once)
+        if key in self._in_flight or self._stopping.is_set():  # (read and claimed at once)
             self._slots.release()
             return
         task = asyncio.create_task(self._deliver(stream, entry_id, fields))

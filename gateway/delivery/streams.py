@@ -4,6 +4,7 @@ consumer group, a pending list per consumer, idle entries claimed by others."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from redis.exceptions import ResponseError
 
@@ -42,8 +43,8 @@ class PurchaseStreams:
 
     async def read(self, stream: str, cursor: str, count: int,
                    block_ms: int | None) -> list[tuple[str, dict[str, str]]]:
-        reply = await self.client.xreadgroup(self.group, self.consumer, {stream: cursor},
-                                             count=count, block=block_ms)
+        reply: Any = await self.client.xreadgroup(self.group, self.consumer, {stream: cursor},
+                                                  count=count, block=block_ms)
         return list(reply[0][1]) if reply else []
 
     async def claim_stale(self, stream: str, min_idle_ms: int,
@@ -51,8 +52,8 @@ class PurchaseStreams:
         claimed: list[tuple[str, dict[str, str]]] = []
         cursor = "0-0"
         while True:
-            reply = await self.client.xautoclaim(stream, self.group, self.consumer, min_idle_ms,
-                                                 start_id=cursor, count=count)
+            reply: Any = await self.client.xautoclaim(stream, self.group, self.consumer, min_idle_ms,
+                                                      start_id=cursor, count=count)
             cursor, entries = reply[0], reply[1]
             claimed.extend(e for e in entries if e[0] is not None)
             if cursor in ("0-0", "0") or len(claimed) >= count:
@@ -60,7 +61,8 @@ class PurchaseStreams:
 
     async def touch(self, stream: str, entry_ids: list[str]) -> None:
         """Reset the idle time of entries we are still working on."""
-        await self.client.xclaim(stream, self.group, self.consumer, 0, entry_ids, justid=True)
+        await self.client.xclaim(stream, self.group, self.consumer, 0, list[Any](entry_ids),
+                                 justid=True)
 
     async def done(self, stream: str, entry_id: str) -> None:
         pipe = self.client.pipeline(transaction=False)

@@ -9,8 +9,8 @@ from aiohttp import web
 if TYPE_CHECKING:
     from gateway.app import Gateway
 
-GATEWAY: web.AppKey["Gateway"] = web.AppKey("gateway")
+GATEWAY: web.AppKey[Gateway] = web.AppKey("gateway")
 
 
-def gateway_of(request: web.Request) -> "Gateway":
+def gateway_of(request: web.Request) -> Gateway:
     return request.app[GATEWAY]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import orjson
 from aiohttp import web
@@ -14,7 +15,7 @@ class ApiError(Exception):
     code: str
     message: str = ""
     headers: dict[str, str] = field(default_factory=dict)
-    extra: dict = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
 
     def response(self) -> web.Response:
         return json_response(self.status, {"code": self.code, "message": self.message, **self.extra},
@@ -24,7 +25,7 @@ class ApiError(Exception):
 RESPONSE_CODE = web.ResponseKey("code", str)
 
 
-def json_response(status: int, body: dict, headers: dict[str, str] | None = None) -> web.Response:
+def json_response(status: int, body: dict[str, Any], headers: dict[str, str] | None = None) -> web.Response:
     response = web.Response(status=status, body=orjson.dumps(body), content_type="application/json",
                             headers=headers)
     response[RESPONSE_CODE] = body.get("code", "")  # for the metrics middleware

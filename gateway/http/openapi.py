@@ -9,7 +9,8 @@ from gateway import __version__
 _ERROR = {"$ref": "#/components/schemas/Error"}
 
 
-def _answer(description: str, schema: dict | None = None, headers: dict | None = None) -> dict:
+def _answer(description: str, schema: dict[str, Any] | None = None,
+            headers: dict[str, Any] | None = None) -> dict[str, Any]:
     body: dict[str, Any] = {"description": description,
                             "content": {"application/json": {"schema": schema or _ERROR}}}
     if headers:
@@ -35,7 +36,7 @@ _SKU = {"name": "sku", "in": "path", "required": True,
 _USER = {"name": "X-User-Id", "in": "header", "required": True,
          "schema": {"type": "string", "pattern": "^[0-9]{1,19}$"},
          "description": "the caller, set by a trusted auth proxy (SECKILL_AUTH=header)"}
-_ADMIN = [{"admin": []}]
+_ADMIN: list[dict[str, list[str]]] = [{"admin": []}]
 
 
 def build() -> dict[str, Any]:

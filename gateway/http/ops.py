@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST as CONTENT_TYPE
 
 from gateway.http.context import gateway_of
 from gateway.http.errors import json_response
-from gateway.metrics import CONTENT_TYPE
 
 
 async def healthz(request: web.Request) -> web.Response:

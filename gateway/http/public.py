@@ -20,7 +20,7 @@ if TYPE_CHECKING:
 TOKEN_SHAPE = re.compile(r"[A-Za-z0-9_.-]{1,128}")
 
 
-def _rate_limit(gw: "Gateway", request: web.Request, user_id: int) -> None:
+def _rate_limit(gw: Gateway, request: web.Request, user_id: int) -> None:
     """Per user and per client address; 429 with Retry-After when over."""
     wait = max(gw.user_limiter.acquire(user_id), gw.ip_limiter.acquire(request.remote))
     if wait > 0:

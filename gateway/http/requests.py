@@ -3,6 +3,8 @@ naming the field, never a 500."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import orjson
 from aiohttp import web
 
@@ -10,7 +12,7 @@ from gateway.http.errors import bad_request
 from gateway.store.keys import valid_sku
 
 
-async def json_object(request: web.Request, allowed: set[str]) -> dict:
+async def json_object(request: web.Request, allowed: set[str]) -> dict[str, Any]:
     try:
         raw = await request.read()
     except web.RequestPayloadError:
@@ -31,7 +33,7 @@ async def json_object(request: web.Request, allowed: set[str]) -> dict:
     return data
 
 
-def int_field(data: dict, name: str, default: int, lo: int, hi: int) -> int:
+def int_field(data: dict[str, Any], name: str, default: int, lo: int, hi: int) -> int:
     value = data.get(name, default)
     if not isinstance(value, int) or isinstance(value, bool) or not lo <= value <= hi:
         raise bad_request(f"{name} must be an integer between {lo} and {hi}")

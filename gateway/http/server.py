@@ -8,7 +8,7 @@ import logging
 import multiprocessing
 import os
 import signal
-from typing import Awaitable, Callable
+from collections.abc import Awaitable, Callable
 
 import uvloop
 from aiohttp import web

@@ -33,21 +33,31 @@ import logging
 import re
 import sys
 import time
-from typing import Any, AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
 
 import orjson
 import uvloop
 from aiohttp import web
 
-from gateway.http.auth import _bearer, _raw
 from gateway.config import Settings
+from gateway.http.auth import _bearer, _raw
 from gateway.http.errors import HTTP_CODES, ApiError, bad_request, json_response, unavailable
-from gateway.store.keys import MAX_USER_ID, valid_sku
 from gateway.orders import signing
 from gateway.orders.background import Background, now_ms
 from gateway.orders.config import OrdersConfig, with_dev_secrets
-from gateway.orders.db import (Cancel, Insert, NewOrder, OrdersDb, Payment, PaymentNotice, Ship, StoredOrder,
-                 open_orders_db)
+from gateway.orders.db import (
+    Cancel,
+    Insert,
+    NewOrder,
+    OrdersDb,
+    Payment,
+    PaymentNotice,
+    Ship,
+    StoredOrder,
+    open_orders_db,
+)
+from gateway.store.keys import MAX_USER_ID, valid_sku
 
 log = logging.getLogger("gateway.orders")
 
@@ -113,25 +123,25 @@ def _json_object(raw: bytes) -> dict[str, Any]:
     return data
 
 
-def _int(data: dict, name: str, lo: int, hi: int) -> int:
+def _int(data: dict[str, Any], name: str, lo: int, hi: int) -> int:
     value = data.get(name)
     if not isinstance(value, int) or isinstance(value, bool) or not lo <= value <= hi:
         raise bad_request(f"{name} must be an integer between {lo} and {hi}")
     return value
 
 
-def _optional_int(data: dict, name: str, lo: int, hi: int) -> int | None:
+def _optional_int(data: dict[str, Any], name: str, lo: int, hi: int) -> int | None:
     return None if data.get(name) is None else _int(data, name, lo, hi)
 
 
-def _ident(data: dict, name: str) -> str:
+def _ident(data: dict[str, Any], name: str) -> str:
     value = data.get(name)
     if not isinstance(value, str) or ID_RE.fullmatch(value) is None:
         raise bad_request(f"{name} must be 1-128 chars of [A-Za-z0-9_.:-]")
     return value
 
 
-def _new_order(data: dict, idempotency_key: str | None) -> NewOrder:
+def _new_order(data: dict[str, Any], idempotency_key: str | None) -> NewOrder:
     order_no = _ident(data, "order_no")
     if idempotency_key is not None and idempotency_key != order_no:
         raise bad_request("Idempotency-Key must equal order_no")

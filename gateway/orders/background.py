@@ -14,12 +14,12 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
-import random
 import time
-from typing import Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from urllib.parse import quote
 
 import aiohttp
+from redis.backoff import EqualJitterBackoff
 from yarl import URL
 
 from gateway.logs import LogThrottle
@@ -33,10 +33,10 @@ def now_ms() -> int:
     return int(time.time() * 1000)
 
 
-def backoff(attempt: int, base: float, cap: float, rng: random.Random) -> float:
-    """Capped exponential backoff with jitter (half fixed, half random), as the relay's."""
-    ceiling = min(cap, base * 2 ** min(attempt - 1, 30))
-    return ceiling / 2 + rng.uniform(0, ceiling / 2)
+def backoff(attempt: int, base: float, cap: float) -> float:
+    """Capped exponential backoff with equal jitter (half fixed, half random), as the
+    relay's (redis-py's implementation)."""
+    return float(EqualJitterBackoff(cap=cap, base=base).compute(min(attempt - 1, 30)))
 
 
 class Sent(enum.Enum):
@@ -56,7 +56,6 @@ class ReleaseSender:
         self.config = config
         self.session = session
         self.wake = wake
-        self._random = random.Random()
         self._throttle = LogThrottle()
 
     async def run(self) -> None:
@@ -81,8 +80,7 @@ class ReleaseSender:
     async def _deliver(self, release: Release) -> None:
         sent = await self._post(release)
         if sent is Sent.RETRY:
-            delay = backoff(release.attempts, self.config.backoff_base, self.config.backoff_cap,
-                            self._random)
+            delay = backoff(release.attempts, self.config.backoff_base, self.config.backoff_cap)
             await self.db.postpone_release(release.order_no, now_ms() + int(delay * 1000))
             return
         if sent is Sent.UNKNOWN_ORDER:

@@ -25,7 +25,7 @@ from gateway.orders.signing import HEADER, sign
 DEFAULT_PORT = 8081
 
 
-def add_orders_commands(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
+def add_orders_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add ``orders`` and its sub-commands to the top-level command line."""
     orders = subparsers.add_parser("orders", help="the bundled orders service")
     sub = orders.add_subparsers(dest="action", required=True)

@@ -58,7 +58,7 @@ class OrdersConfig:
             raise ConfigError("expire_every must be positive and expire_batch at least 1")
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> "OrdersConfig":
+    def from_settings(cls, settings: Settings) -> OrdersConfig:
         """The timers keep their defaults (tests change them with ``dataclasses.replace``)."""
         return cls(orders_token=settings.orders_token or "",
                    payment_secret=settings.payment_secret or "",

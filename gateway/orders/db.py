@@ -24,10 +24,11 @@ from __future__ import annotations
 
 import enum
 from abc import ABC, abstractmethod
+from collections.abc import Iterable, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
-from datetime import datetime, timezone
-from typing import Any, Iterable, Protocol, Sequence
+from datetime import UTC, datetime
+from typing import Any, Protocol
 
 Row = Sequence[Any]
 
@@ -132,12 +133,12 @@ class StoredOrder:
     state_version: int
 
     @classmethod
-    def from_row(cls, row: Row) -> "StoredOrder":
+    def from_row(cls, row: Row) -> StoredOrder:
         order_no, sku, user_id, quantity, amount, units, admitted_at, pay_by, state, version = row
         return cls(order_no, sku, int(user_id), tuple(int(u) for u in units.split(",") if u),
                    int(quantity), int(amount), admitted_at, pay_by, state, int(version))
 
-    def public(self) -> dict:
+    def public(self) -> dict[str, Any]:
         return {
             "order_no": self.order_no, "sku": self.sku, "user_id": self.user_id,
             "units": list(self.units), "quantity": self.quantity, "amount": self.amount,
@@ -218,7 +219,7 @@ class Refund:
     amount: int
     received_at: str  # RFC 3339, UTC
 
-    def public(self) -> dict:
+    def public(self) -> dict[str, Any]:
         return {"notify_id": self.notify_id, "order_no": self.order_no, "amount": self.amount,
                 "received_at": self.received_at}
 
@@ -236,8 +237,8 @@ def _timestamp(value: Any) -> str:
     """A stored timestamp as RFC 3339 UTC with milliseconds, on both databases (SQLite
     stores that text already; PostgreSQL returns a datetime)."""
     if isinstance(value, datetime):
-        value = value.astimezone(timezone.utc)
-        return value.strftime("%Y-%m-%dT%H:%M:%S.") + f"{value.microsecond // 1000:03d}Z"
+        when = value.astimezone(UTC)
+        return when.strftime("%Y-%m-%dT%H:%M:%S.") + f"{when.microsecond // 1000:03d}Z"
     return str(value)
 
 

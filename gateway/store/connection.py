@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-from typing import Union
 
 import redis
 from redis.asyncio import Redis
@@ -15,7 +14,7 @@ from redis.retry import Retry
 
 from gateway.config import Settings
 
-RedisClient = Union[Redis, RedisCluster]
+RedisClient = Redis | RedisCluster
 
 # In redis-py, RedisClusterException and SlotNotCoveredError do not derive from
 # RedisError: catching only RedisError turns a failover into 500s.
@@ -46,22 +45,17 @@ def is_redis_failure(exc: BaseException) -> bool:
 
 def connect(settings: Settings) -> RedisClient:
     timeout = settings.redis_timeout
-    common = dict(
-        decode_responses=True,
-        socket_timeout=timeout,
-        socket_connect_timeout=timeout,
-    )
     if settings.redis_mode == "cluster":
         return RedisCluster.from_url(
-            settings.redis_url,
+            settings.redis_url, decode_responses=True, socket_timeout=timeout,
+            socket_connect_timeout=timeout,
             retry=Retry(ExponentialWithJitterBackoff(base=0.05, cap=0.5), 2),
-            **common,
         )
     return Redis.from_url(
-        settings.redis_url,
+        settings.redis_url, decode_responses=True, socket_timeout=timeout,
+        socket_connect_timeout=timeout,
         retry=Retry(ExponentialWithJitterBackoff(base=0.05, cap=0.5), 1),
         max_connections=512,
-        **common,
     )
 
 
@@ -83,7 +77,7 @@ class RedisOutage:
     def __init__(self) -> None:
         self.error: Exception | None = None
 
-    def __enter__(self) -> "RedisOutage":
+    def __enter__(self) -> RedisOutage:
         self.error = None
         return self
 

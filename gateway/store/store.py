@@ -10,18 +10,18 @@ from __future__ import annotations
 
 import secrets
 import time
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 import orjson
 
 from gateway.models import Order, Sale, ShardState, Transfer
 from gateway.store.connection import RedisClient
 from gateway.store.keys import KeySpace, new_order_no, shard_of_order
-from gateway.store.scripts import ScriptRunner
+from gateway.store.scripts import ScriptRunner, create_shard, transfer
 from gateway.store.scripts import compensate as compensate_script
-from gateway.store.scripts import create_shard, mark_delivered as mark_delivered_script
+from gateway.store.scripts import mark_delivered as mark_delivered_script
 from gateway.store.scripts import purchase as purchase_script
-from gateway.store.scripts import transfer
 from gateway.store.scripts.compensate import Compensated
 from gateway.store.scripts.mark_delivered import Delivered
 from gateway.store.scripts.transfer import Applied
@@ -82,7 +82,8 @@ class Store:
 
     async def list_sales(self) -> dict[str, int]:
         """SKU -> shard count of every sale."""
-        return {sku: int(n) for sku, n in (await self.client.hgetall(self.keys.sales)).items()}
+        sales: dict[str, str] = await self.client.hgetall(self.keys.sales)  # type: ignore[assignment]
+        return {sku: int(n) for sku, n in sales.items()}
 
     async def set_sold_out_flag(self, sku: str, sold_out: bool) -> None:
         """The shared "no units anywhere" flag (decided by ``admission.soldout``)."""
@@ -177,7 +178,8 @@ class Store:
         shard = shard_of_order(order_no)
         if shard is None:
             return None
-        record = await self.client.hgetall(self.keys.order(order_no, shard))
+        record: dict[str, str] = await self.client.hgetall(  # type: ignore[assignment]
+            self.keys.order(order_no, shard))
         return Order.from_record(record) if record else None
 
     def _order_shard(self, order: Order) -> tuple[Any, str]:
@@ -205,4 +207,4 @@ class Store:
         """The deployment's token-signing secret, shared by every worker: the first
         process to start stores its candidate, everyone reads the stored one."""
         await self.client.set(self.keys.token_secret, candidate, nx=True)
-        return await self.client.get(self.keys.token_secret)
+        return str(await self.client.get(self.keys.token_secret))

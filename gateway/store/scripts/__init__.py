@@ -20,9 +20,10 @@ from __future__ import annotations
 import functools
 import hashlib
 import re
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from importlib import resources
-from typing import Any, Protocol, Sequence
+from typing import Any, Protocol
 
 from redis.exceptions import NoScriptError
 
@@ -30,22 +31,27 @@ _INCLUDE = re.compile(r'^--- @include "([a-z_]+)"[ \t]*$', re.M)
 
 
 class ScriptRunner(Protocol):
-    """What runs a script: a redis-py client (standalone or Cluster) or a batcher."""
+    """What runs a script: a redis-py client (standalone or Cluster) or a batcher. Both
+    return awaitables (redis-py declares its commands as plain methods)."""
 
-    async def evalsha(self, sha: str, numkeys: int, *keys_and_args: Any) -> Any: ...
+    def evalsha(self, sha: str, numkeys: int, *keys_and_args: Any) -> Any: ...
 
-    async def script_load(self, source: str) -> str: ...
+    def script_load(self, script: str) -> Any: ...
 
 
 def _read(relative: str) -> str:
     """A file of this package, read as package data (the same in a checkout, an
     installed wheel or a zip: never through a file-system path)."""
-    return resources.files(__package__).joinpath(relative).read_text(encoding="utf-8")
+    text: str = resources.files(__name__).joinpath(relative).read_text(encoding="utf-8")
+    return text
 
 
-def resolve_includes(source: str, read_piece: Any = None) -> str:
+def _read_piece(piece: str) -> str:
+    return _read(f"include/{piece}.lua")
+
+
+def resolve_includes(source: str, read_piece: Callable[[str], str] = _read_piece) -> str:
     """``source`` with each ``--- @include "piece"`` line replaced by the piece."""
-    read_piece = read_piece or (lambda piece: _read(f"include/{piece}.lua"))
     seen: set[str] = set()
 
     def expand(match: re.Match[str]) -> str:
@@ -69,7 +75,7 @@ class Script:
 
     @classmethod
     @functools.cache
-    def load(cls, name: str) -> "Script":
+    def load(cls, name: str) -> Script:
         source = resolve_includes(_read(f"{name}.lua"))
         return cls(name, source, hashlib.sha1(source.encode()).hexdigest())
 

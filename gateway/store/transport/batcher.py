@@ -25,8 +25,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
-from typing import Any, Callable, Coroutine
+from typing import Any
 
 import hiredis
 from redis.asyncio import Redis
@@ -112,14 +113,14 @@ class Batcher:
         self._enqueue(self._lane_of(keys_and_args[0] if numkeys else None), call)
         return await call.future
 
-    async def script_load(self, source: str) -> str:
+    async def script_load(self, script: str) -> str:
         """Load a script through the wrapped client. The callers of a batch that met
         NOSCRIPT (after a failover or a SCRIPT FLUSH) all ask at once; they share one load."""
-        loading = self._loading.get(source)
+        loading = self._loading.get(script)
         if loading is None:
-            loading = asyncio.ensure_future(self._script_load(source))
-            self._loading[source] = loading
-            loading.add_done_callback(lambda done: self._loaded(source, done))
+            loading = asyncio.ensure_future(self._script_load(script))
+            self._loading[script] = loading
+            loading.add_done_callback(lambda done: self._loaded(script, done))
         return await asyncio.shield(loading)
 
     async def drain(self) -> None:

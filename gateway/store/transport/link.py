@@ -12,8 +12,9 @@ from __future__ import annotations
 import asyncio
 import copy
 from collections import deque
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import TYPE_CHECKING, Any
 
 import hiredis
 from redis._parsers import BaseParser
@@ -35,7 +36,7 @@ class Call:
     future: asyncio.Future[Any]
     sha: str = ""  # the script it runs (EVALSHA), for the replication predicate
     redirects: int = 0
-    ack: "Ack | None" = None  # the WAIT after it in its pipeline, if any
+    ack: Ack | None = None  # the WAIT after it in its pipeline, if any
 
     def resolve(self, result: Any) -> None:
         if self.future.done():  # the caller was cancelled; the others go on
@@ -82,7 +83,7 @@ class NodeOptions:
 
     @classmethod
     def of(cls, kwargs: Mapping[str, Any], connection_class: type | None = None
-           ) -> "NodeOptions | None":
+           ) -> NodeOptions | None:
         """From a redis-py connection's class and keyword arguments; None when a batcher
         cannot open such a connection (TLS, Unix socket, credential provider ...)."""
         if (connection_class or kwargs.get("connection_class", Connection)) is not Connection \
@@ -101,7 +102,7 @@ class Link(asyncio.Protocol):
     """One connection to one node. Replies come back in the order the commands were
     written; each goes to the batcher (``_on_reply``) for its caller."""
 
-    def __init__(self, batcher: "Batcher", lane: "Lane", options: NodeOptions) -> None:
+    def __init__(self, batcher: Batcher, lane: Lane, options: NodeOptions) -> None:
         self.batcher = batcher
         self.lane = lane
         self.options = options
@@ -120,8 +121,8 @@ class Link(asyncio.Protocol):
                                      replyError=BaseParser.parse_error, **errors)
 
     @classmethod
-    async def open(cls, batcher: "Batcher", lane: "Lane", host: str, port: int,
-                   options: NodeOptions) -> "Link":
+    async def open(cls, batcher: Batcher, lane: Lane, host: str, port: int,
+                   options: NodeOptions) -> Link:
         loop = asyncio.get_running_loop()
         try:
             async with asyncio.timeout(options.connect_timeout):
@@ -208,7 +209,7 @@ class Link(asyncio.Protocol):
             self.transport.abort()
         waiting, self.waiting = self.waiting, deque()
         for call, _ in waiting:
-            if type(call) is Call:
+            if isinstance(call, Call):
                 call.resolve(own_copy(error))
             elif call is not None:
                 call.settle(error)  # replies held for a WAIT that will not come
@@ -237,7 +238,7 @@ class Link(asyncio.Protocol):
                 return
             self.received += 1
             call, last = self.waiting.popleft()
-            if type(call) is Call:
+            if isinstance(call, Call):
                 self.batcher._on_reply(self.lane, call, reply)
             elif call is not None:
                 call.settle(reply)

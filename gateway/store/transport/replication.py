@@ -32,7 +32,9 @@ ACK_TIMEOUT_MS = 200
 
 @functools.lru_cache(maxsize=8)
 def wait_command(replicas: int, timeout_ms: int) -> bytes:
-    return hiredis.pack_command(("WAIT", replicas, timeout_ms))
+    # (hiredis's stub declares a one-element tuple: any number of parts is what it takes)
+    packed: bytes = hiredis.pack_command(("WAIT", replicas, timeout_ms))  # type: ignore[arg-type]
+    return packed
 
 
 @dataclass(slots=True, eq=False)
@@ -42,7 +44,7 @@ class Ack:
 
     wanted: int
     timeout_ms: int
-    held: list[tuple["Call", Any]] = field(default_factory=list)
+    held: list[tuple[Call, Any]] = field(default_factory=list)
 
     @property
     def command(self) -> bytes:

@@ -13,20 +13,19 @@ import asyncio
 import contextlib
 import itertools
 import os
-import signal
-import subprocess
 import sys
 import time
 import urllib.error
 import urllib.request
+import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 import aiohttp
 import orjson
 
-from devtools.processes import free_port, stop_process
+from devtools.processes import ChildProcess, Probe, free_port, http_answers
 
 ADMIN_TOKEN = "failover-admin-token"
 ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
@@ -41,89 +40,43 @@ def _clean_environ() -> dict[str, str]:
 
 
 @dataclass(eq=False)
-class Service:
-    """One ``python -m gateway ...`` subprocess on a local port; log in ``log_path``."""
+class Service(ChildProcess):
+    """One ``python -m gateway <argv> --host 127.0.0.1 --port <port>`` subprocess."""
 
-    name: str
-    argv: list[str]
-    env: dict[str, str]
-    port: int
-    log_path: Path
+    port: int = 0
     health_path: str = "/healthz"
-    process: subprocess.Popen | None = field(default=None, repr=False)
+    healthy_only: bool = False  # ready only when the health check answers 2xx
+
+    @classmethod
+    def of(cls, name: str, argv: list[str], env: dict[str, str], log_path: Path,
+           **options: object) -> Service:
+        port = free_port()
+        command = [sys.executable, "-m", "gateway", *argv, "--host", "127.0.0.1", "--port", str(port)]
+        return cls(name, command, log_path, env=env, cwd=log_path.parent, port=port, **options)  # type: ignore[arg-type]
 
     @property
     def base_url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    @property
-    def pid(self) -> int | None:
-        return self.process.pid if self.process is not None else None
+    url = base_url
 
     @property
-    def running(self) -> bool:
-        return self.process is not None and self.process.poll() is None
+    def prefix(self) -> str:
+        return (self.env or {})["SECKILL_KEY_PREFIX"]
 
-    def start(self, timeout: float = 30.0) -> "Service":
+    def start(self, ready: Probe | None = None, timeout: float = 30.0) -> Service:
         """Start the process and wait until it answers HTTP on its port."""
-        assert not self.running, f"{self.name} is running"
-        with open(self.log_path, "ab") as log:
-            log.write(f"--- start {time.strftime('%H:%M:%S')}\n".encode())
-            log.flush()
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", "gateway", *self.argv, "--host", "127.0.0.1",
-                 "--port", str(self.port)],
-                env=self.env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                cwd=self.log_path.parent, start_new_session=True)
-        deadline = time.monotonic() + timeout
-        while True:
-            if not self.running:
-                raise RuntimeError(f"{self.name} exited at start:\n{self.log_tail()}")
-            try:
-                with urllib.request.urlopen(self.base_url + self.health_path, timeout=1):
-                    return self
-            except urllib.error.HTTPError:
-                return self  # it answers (a 503 health: Redis not reachable yet)
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"{self.name} does not answer:\n{self.log_tail()}")
-            time.sleep(0.05)
+        super().start(ready or http_answers(self.base_url + self.health_path,
+                                            ok_only=self.healthy_only), timeout)
+        return self
 
-    def kill(self) -> None:
-        """SIGKILL, and reap."""
-        if self.running:
-            self.process.kill()  # type: ignore[union-attr]
-        if self.process is not None:
-            self.process.wait()
+    def output(self) -> str:
+        return self.log_text()
 
-    def pause(self) -> None:
-        if self.running:
-            self.process.send_signal(signal.SIGSTOP)  # type: ignore[union-attr]
-
-    def resume(self) -> None:
-        if self.running:
-            self.process.send_signal(signal.SIGCONT)  # type: ignore[union-attr]
-
-    def stop(self, timeout: float = 10.0) -> None:
-        """SIGTERM (the gateway drains), SIGKILL after ``timeout``."""
-        if self.process is None:
-            return
-        if self.running:
-            self.resume()
-        stop_process(self.process, timeout)
-
-    def log_tail(self, lines: int = 30) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return ""
-
-    def log_text(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")
-        except OSError:
-            return ""
+    def log_lines(self) -> list[str]:
+        """The process's output lines (the start marker of each start left out)."""
+        return [line for line in self.log_text().splitlines()
+                if line.strip() and not line.startswith("--- ")]
 
 
 def gateway_env(*, redis_url: str, redis_mode: str, key_prefix: str, upstream_url: str | None,
@@ -154,7 +107,7 @@ def orders_service(tmp_path: Path, database_url: str) -> Iterator[Service]:
     env = _clean_environ()
     env.update({"SECKILL_DATABASE_URL": database_url, "SECKILL_ORDERS_TOKEN": ORDERS_TOKEN,
                 "SECKILL_PAYMENT_SECRET": PAYMENT_SECRET})
-    service = Service("orders", ["orders", "serve"], env, free_port(), tmp_path / "orders.log")
+    service = Service.of("orders", ["orders", "serve"], env, tmp_path / "orders.log")
     try:
         yield service.start()
     finally:
@@ -164,7 +117,7 @@ def orders_service(tmp_path: Path, database_url: str) -> Iterator[Service]:
 @contextlib.contextmanager
 def gateway_service(tmp_path: Path, env: dict[str, str],
                     name: str = "gateway") -> Iterator[Service]:
-    service = Service(name, ["serve"], env, free_port(), tmp_path / f"{name}.log")
+    service = Service.of(name, ["serve"], env, tmp_path / f"{name}.log")
     try:
         yield service.start()
     finally:
@@ -336,14 +289,78 @@ class Load:
     def failures(self) -> list[Attempt]:
         return [a for a in self.attempts if a.failed]
 
-    def unexpected(self) -> list[Attempt]:
+    def unexpected(self, gateway_down: tuple[float, float] | None = None) -> list[Attempt]:
         """Answers a client of this load must never get: a 5xx other than 503, a 503
-        without Retry-After or with another code, anything but the purchase outcomes."""
+        without Retry-After or with another code, anything but the purchase outcomes, and
+        no answer at all (a request left unanswered), except while ``gateway_down`` (the
+        gateway process itself was killed between these two monotonic times)."""
         allowed = {(200, "OK"), (409, "IDEMPOTENT_CONFLICT"), (503, "UNAVAILABLE")}
         out = []
         for a in self.attempts:
             if a.status == 0:
+                if gateway_down is None or not (a.sent <= gateway_down[1]
+                                                and a.done >= gateway_down[0]):
+                    out.append(a)
                 continue
             if (a.status, a.code) not in allowed or (a.status == 503 and not a.retry_after):
                 out.append(a)
         return out
+
+
+# -- one gateway process, as an operator runs it (the observability and fuzz tests) -----------
+
+TOKEN_SECRET = "obs-token-secret-93a7c5e1"
+JWT_SECRET = "obs-jwt-secret-2d8e4f60b1c3a5e7-9b0c4d1e"
+
+GatewayProcess = Service
+
+
+def observed_env(redis_url: str, **extra: str) -> dict[str, str]:
+    """A standalone gateway with a known token secret, no relay, unbuffered output."""
+    env = _clean_environ()
+    env.update({
+        "SECKILL_REDIS_URL": redis_url,
+        "SECKILL_REDIS_MODE": "standalone",
+        "SECKILL_KEY_PREFIX": f"p{uuid.uuid4().hex[:10]}",
+        "SECKILL_ADMIN_TOKEN": ADMIN_TOKEN,
+        "SECKILL_TOKEN_SECRET": TOKEN_SECRET,
+        "SECKILL_RELAY": "false",
+        "PYTHONUNBUFFERED": "1",
+    })
+    env.update(extra)
+    return env
+
+
+@contextlib.contextmanager
+def gateway_process(redis_url: str, log_path: Path, *, workers: int = 1, ready_timeout: float = 30.0,
+                    **env: str) -> Iterator[Service]:
+    """``python -m gateway serve`` answering 200 on /healthz when this yields; killed (its
+    workers too) on the way out if the test did not stop it."""
+    gw = Service.of("gateway", ["serve", "--workers", str(workers)], observed_env(redis_url, **env),
+                    log_path, healthy_only=True)
+    try:
+        yield gw.start(timeout=ready_timeout)
+    finally:
+        gw.kill()
+
+
+def http(gw: Service, method: str, path: str, body: bytes | None = None,
+         headers: dict[str, str] | None = None, timeout: float = 10.0) -> tuple[int, dict, bytes]:
+    """One request with the standard library: (status, headers, body)."""
+    request = urllib.request.Request(gw.url + path, data=body, method=method, headers=headers or {})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as resp:
+            return resp.status, dict(resp.headers), resp.read()
+    except urllib.error.HTTPError as err:
+        return err.code, dict(err.headers), err.read()
+
+
+def admin_headers() -> dict[str, str]:
+    return {"Authorization": f"Bearer {ADMIN_TOKEN}", "Content-Type": "application/json"}
+
+
+def put_sale(gw: Service, sku: str, stock: int, **fields: int) -> dict:
+    status, _, body = http(gw, "PUT", f"/admin/sales/{sku}", orjson.dumps({"stock": stock, **fields}),
+                           admin_headers())
+    assert status == 201, body
+    return orjson.loads(body)

@@ -1,9 +1,6 @@
-"""Fixtures and helpers for the delivery tests: the orders service on SQLite or on
-PostgreSQL (a schema of its own per test, dropped afterwards), real HTTP upstreams that
-fail or stall in front of it, a relay, and fast admission of many purchases.
-
-Import the fixtures into a test module by name (``from .delivery_fixtures import ...``).
-"""
+"""Helpers for the delivery tests: the orders service on a local port (SQLite, or a
+PostgreSQL schema of its own per test), real HTTP upstreams that fail or stall in front
+of it, a relay, and fast admission of many purchases. (The fixtures are in conftest.)"""
 
 from __future__ import annotations
 
@@ -13,22 +10,22 @@ import os
 import shutil
 import socket
 import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
-from typing import AsyncIterator, Awaitable, Callable, Iterable
 
 import asyncpg
 import pytest
-import pytest_asyncio
 from aiohttp import ClientSession, web
 from aiohttp.test_utils import TestServer
 
+from gateway.app import Gateway
 from gateway.config import Settings
+from gateway.delivery.relay import Relay, RelayConfig
 from gateway.models import Order
 from gateway.orders.app import create_orders_app
 from gateway.orders.config import OrdersConfig, ReleaseConfig
 from gateway.orders.db import OrdersDb, open_orders_db
-from gateway.delivery.relay import Relay, RelayConfig
-from gateway.app import Gateway
+from tests.support.api import ADMIN_TOKEN
 
 PG_URL = os.environ.get("SECKILL_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/test")
 
@@ -52,30 +49,6 @@ async def postgres_schema() -> AsyncIterator[str]:
     finally:
         await admin.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
         await admin.close()
-
-
-@pytest_asyncio.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
-async def database_url(request, tmp_path) -> AsyncIterator[str]:
-    """The orders store's URL, on SQLite and on PostgreSQL."""
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path}/orders.db"
-        return
-    async with postgres_schema() as url:
-        yield url
-
-
-@pytest.fixture
-def sqlite_url(tmp_path) -> str:
-    return f"sqlite:///{tmp_path}/orders.db"
-
-
-@pytest.fixture
-def standalone(standalone_redis):
-    """Standalone Redis only (a conftest ``Backend``), for tests whose subject is not the
-    Redis topology."""
-    from .conftest import Backend
-
-    return Backend("standalone", standalone_redis.url, standalone_redis)
 
 
 # -- HTTP services ------------------------------------------------------------------------
@@ -110,8 +83,6 @@ class OrdersService:
 
 def orders_config(gateway_url: str | None = None, **tuning) -> OrdersConfig:
     """The test secrets; releases go to ``gateway_url`` with the tests' admin token."""
-    from .conftest import ADMIN_TOKEN
-
     return OrdersConfig(ORDERS_TOKEN, PAYMENT_SECRET, gateway_url=gateway_url,
                         admin_token=ADMIN_TOKEN if gateway_url else None,
                         **{**FAST_ORDERS, **tuning})
