@@ -12,15 +12,16 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Coroutine
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import orjson
 from aiohttp import web
 
 from gateway.admission.moves import Rebalancer
 from gateway.admission.purchase import PurchaseService
+from gateway.admission.returns import Returns
 from gateway.admission.sales import SaleCache
 from gateway.admission.snapshot import read_sale
 from gateway.admission.soldout import SoldOut
@@ -36,6 +37,7 @@ from gateway.http.ratelimit import RateLimiter
 from gateway.http.routes import add_routes
 from gateway.logs import LogThrottle
 from gateway.metrics import Metrics
+from gateway.models import Sale
 from gateway.store.connection import RedisClient, connect, is_redis_failure
 from gateway.store.keys import KeySpace
 from gateway.store.scripts import purchase as purchase_script
@@ -43,6 +45,8 @@ from gateway.store.store import Store
 from gateway.store.transport import make_batcher
 
 log = logging.getLogger("gateway")
+
+T = TypeVar("T")
 
 
 @dataclass(slots=True, eq=False)
@@ -54,6 +58,7 @@ class Gateway:
     metrics: Metrics
     sales: SaleCache
     sold_out: SoldOut
+    returns: Returns
     rebalancer: Rebalancer
     purchases: PurchaseService
     auth: Authenticator
@@ -66,6 +71,7 @@ class Gateway:
     relay: Relay | None = None
     _issuer: TokenIssuer | None = None
     _gauged: set[str] = field(default_factory=set)  # SKUs with a units_remaining series
+    _admin_work: set[asyncio.Task[Any]] = field(default_factory=set)  # creations, deletions
 
     @classmethod
     def build(cls, settings: Settings, client: RedisClient | None = None) -> Gateway:
@@ -79,7 +85,7 @@ class Gateway:
         sold_out = SoldOut(store)
         rebalancer = Rebalancer(store, on_move=metrics.moves.inc)
         gw = cls(settings=settings, store=store, metrics=metrics, sales=sales, sold_out=sold_out,
-                 rebalancer=rebalancer, purchases=None,  # type: ignore[arg-type]  # set below
+                 returns=Returns(store, sold_out), rebalancer=rebalancer, purchases=None,  # type: ignore[arg-type]  # set below
                  auth=Authenticator(settings.auth, settings.jwt_secret, settings.admin_token),
                  user_limiter=RateLimiter(settings.rate_limit_user),
                  ip_limiter=RateLimiter(settings.rate_limit_ip),
@@ -100,14 +106,39 @@ class Gateway:
         self.sales.forget(sku)
         self.sold_out.forget(sku)
 
+    async def create_sale(self, sale: Sale) -> bool:
+        """Create the sale (False: the SKU is taken). The creation runs to its end even
+        if the request that asked for it is cancelled (its deadline, its client gone):
+        a sale is never left half made by a timeout (a crash is finished by the next PUT)."""
+        created = await self._run_to_end(self.store.create_sale(sale))
+        self.forget_sale(sale.sku)
+        return created
+
+    async def delete_sale(self, sku: str) -> bool:
+        """Delete the sale, also one half made or half deleted; False: no such SKU."""
+        found = await self.store.sale_record(sku)
+        if found is None:
+            return False
+        await self._run_to_end(self.store.delete_sale(found[0]))
+        self.forget_sale(sku)
+        return True
+
+    async def _run_to_end(self, work: Coroutine[Any, Any, T]) -> T:
+        task = asyncio.get_running_loop().create_task(work)
+        self._admin_work.add(task)
+        task.add_done_callback(self._admin_work.discard)
+        return await asyncio.shield(task)
+
     async def sale_status(self, sku: str) -> dict[str, Any] | None:
-        sale = await self.store.get_sale(sku)
-        if sale is None:
+        found = await self.store.sale_record(sku)
+        if found is None:
             return None
+        sale, state = found
         snap = await read_sale(self.store, sale)
         self.metrics.units_remaining.labels(sku).set(snap.remaining)
         return {
-            "sku": sku, "stock": sale.stock, "sold": snap.sold, "remaining": snap.remaining,
+            "sku": sku, "state": state, "stock": sale.stock, "sold": snap.sold,
+            "remaining": snap.remaining,
             "in_transfer": snap.in_transfer, "price": sale.price,
             "per_user_limit": sale.per_user_limit, "sold_out": snap.sold_out,
             "shards": [{"shard": s.shard, "remaining": s.remaining, "sold": s.sold,
@@ -135,7 +166,10 @@ class Gateway:
             await self._let_relay_catch_up(relay_drain)
             await self.relay.stop()  # drains: in-flight deliveries finish and acknowledge
             self.relay = None
+        if self._admin_work:  # let sales being created or deleted be whole
+            await asyncio.wait(list(self._admin_work), timeout=10.0)
         await cancel_and_wait(self.tasks)
+        await self.rebalancer.aclose()
         if self.store.batcher is not None:
             await self.store.batcher.aclose()  # type: ignore[attr-defined]
         await self.store.close()
@@ -153,7 +187,7 @@ class Gateway:
         left = -1
         while True:
             try:
-                shards = await streams.shard_count(await self.store.list_sales())
+                shards = await self.store.relay_shards()
                 left = await streams.backlog([self.store.keys.stream(s) for s in range(shards)])
             except Exception as exc:
                 if not is_redis_failure(exc):

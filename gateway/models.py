@@ -19,6 +19,17 @@ class Sale:
     # Set when the sale is created; a unit move of a deleted sale must not land in a
     # new sale of the same SKU (the shards' keys are the same).
     generation: str = ""
+    starts_at: int = 0     # epoch ms; 0: open from its creation
+    ends_at: int = 0       # epoch ms; 0: no end
+    payment_ttl: int = 0   # seconds an admitted order may stay unpaid; 0: no deadline
+    admit_rate: float = 0.0  # waiting room: buyers let through per second; 0: none
+
+    @property
+    def params(self) -> str:
+        """What makes two creations of a SKU the same sale (its generation aside)."""
+        return "|".join(str(v) for v in (self.stock, self.price, self.per_user_limit,
+                                         self.shards, self.starts_at, self.ends_at,
+                                         self.payment_ttl, self.admit_rate))
 
     def shard_range(self, shard: int) -> tuple[int, int]:
         """Units ``lo..hi`` the shard starts with (hi < lo: none). Stock S is units

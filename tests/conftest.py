@@ -24,6 +24,7 @@ from devtools.redis_server import LocalRedis
 from gateway.config import Settings
 from tests.support.api import Api, Backend, new_sku, serve
 from tests.support.delivery import orders_service, postgres_schema
+from tests.support.faults import Proxied, proxied_cluster, proxied_standalone
 from tests.support.orders import Client
 
 # In CI a failing property is reported at once (with a blob to reproduce it), not after
@@ -64,6 +65,17 @@ def backend(request: pytest.FixtureRequest) -> Iterator[Backend]:
     server: LocalRedis = request.getfixturevalue("standalone_redis")
     yield Backend("standalone", server.url, server)
     server.resume()
+
+
+@pytest.fixture(params=["standalone", pytest.param("cluster", marks=pytest.mark.cluster)])
+def proxied(request: pytest.FixtureRequest) -> Iterator[Proxied]:
+    """Redis (standalone, then Cluster) behind fault-injecting proxies."""
+    if request.param == "cluster":
+        with proxied_cluster(request.getfixturevalue("local_cluster")) as through:
+            yield through
+    else:
+        with proxied_standalone(request.getfixturevalue("standalone_redis")) as through:
+            yield through
 
 
 @pytest.fixture

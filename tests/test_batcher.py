@@ -268,8 +268,9 @@ async def test_store_purchases_go_through_the_batcher(client, batched) -> None:
     batcher, observed = batched
     store = Store(client, KeySpace(f"tb{uuid.uuid4().hex[:8]}"), batcher=batcher)
     sale = Sale("sku-b", stock=1000, shards=16)
-    assert await store.create_sale(sale)
+    assert await store.create_sale(sale)  # (its shards are created through the batcher too)
     await client.script_load(PURCHASE.source)
+    observed.clear()
     users = range(1000, 1100)
     replies = await asyncio.gather(*(
         store.purchase(sale, user, f"key-{user}", 1, user % sale.shards) for user in users))

@@ -21,7 +21,7 @@ async def test_a_delivered_order_is_never_compensated(api, sku):
     body, order = await _bought(api, sku, 1, await api.token(1))
     assert await store.mark_delivered(order) is Delivered.MARKED
     assert await store.mark_delivered(order) is Delivered.UNCHANGED
-    assert await store.compensate(order, "late 4xx") is Compensated.ALREADY
+    assert (await store.compensate(order, "late 4xx")).outcome is Compensated.ALREADY
     sale = await api.sale(sku)
     assert (sale["sold"], sale["remaining"]) == (1, 2)
     assert (await store.get_order(order.order_no)).status == "delivered"
@@ -34,8 +34,8 @@ async def test_compensation_returns_units_once_and_keeps_taken_ones(api, sku):
     status, body, _ = await api.buy(sku, 1, token, 2)
     order = await store.get_order(body["order_no"])
     taken_elsewhere = body["units"][0]
-    assert await store.compensate(order, "UNIT_TAKEN", [taken_elsewhere]) is Compensated.DONE
-    assert await store.compensate(order, "UNIT_TAKEN", [taken_elsewhere]) is Compensated.ALREADY
+    assert (await store.compensate(order, "UNIT_TAKEN", [taken_elsewhere])).outcome is Compensated.DONE
+    assert (await store.compensate(order, "UNIT_TAKEN", [taken_elsewhere])).outcome is Compensated.ALREADY
     sale = await api.sale(sku)
     # One unit back in the shard; the one sold to another order stays sold.
     assert (sale["sold"], sale["remaining"]) == (1, 3)

@@ -27,6 +27,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from gateway.admission.snapshot import shards_fingerprint, transfers_of, until_stable
+from gateway.aio import cancel_and_wait
 from gateway.models import Sale, ShardState, Transfer
 from gateway.store.connection import is_redis_failure
 from gateway.store.store import Store
@@ -43,39 +44,49 @@ class Refill(enum.Enum):
 class Rebalancer:
     store: Store
     max_rounds: int = 4
-    _in_flight: dict[tuple[str, int], asyncio.Future[Refill]] = field(default_factory=dict)
+    _in_flight: dict[tuple[str, int], asyncio.Task[Refill]] = field(default_factory=dict)
     # Units asked for by the callers of each running refill (the first and those who
     # joined it): the demand on the receiving shard right now.
     _demand: dict[tuple[str, int], int] = field(default_factory=dict)
+    _waiting: dict[tuple[str, int], int] = field(default_factory=dict)
     moves: int = 0
     on_move: Callable[[], None] | None = None  # e.g. Metrics.moves.inc
 
     async def refill(self, sale: Sale, receiver: int, need: int) -> Refill:
         """Bring at least ``need`` units into ``receiver``. Concurrent callers for one
         shard share one refill, so a crowd on an empty shard triggers one move; the
-        refill brings what the whole crowd needs (see ``_demand``)."""
+        refill brings what the whole crowd needs (see ``_demand``). The refill runs as a
+        task of its own: a caller that is cancelled (its client went away, its deadline
+        passed) only stops waiting, and the others still get the result."""
         key = (sale.sku, receiver)
         running = self._in_flight.get(key)
         if running is not None:
             self._demand[key] += need
+            self._waiting[key] += 1
             result = await asyncio.shield(running)
             # "Insufficient" was judged against the first caller's quantity; a caller
             # asking for fewer units may still be served: let it try again.
             return Refill.RETRY if result is Refill.INSUFFICIENT else result
-        future: asyncio.Future[Refill] = asyncio.get_running_loop().create_future()
-        self._in_flight[key] = future
+        task = asyncio.get_running_loop().create_task(self._refill(sale, receiver, need))
+        self._in_flight[key] = task
         self._demand[key] = need
-        try:
-            result = await self._refill(sale, receiver, need)
-            future.set_result(result)
-            return result
-        except BaseException as exc:
-            future.set_exception(exc)
-            future.exception()  # retrieved: waiters only need to know it ended
-            raise
-        finally:
-            del self._in_flight[key]
-            del self._demand[key]
+        self._waiting[key] = 1
+
+        def finished(done: asyncio.Task[Refill]) -> None:
+            del self._in_flight[key], self._demand[key], self._waiting[key]
+            if not done.cancelled():
+                done.exception()  # retrieved: the callers that still wait re-raise it
+
+        task.add_done_callback(finished)
+        return await asyncio.shield(task)
+
+    async def aclose(self) -> None:
+        """Stop refills still running (the gateway is shutting down)."""
+        await cancel_and_wait(list(self._in_flight.values()))
+
+    def refilling(self, sku: str, shard: int) -> int:
+        """How many callers wait on the refill of ``shard`` (0: none running)."""
+        return self._waiting.get((sku, shard), 0)
 
     async def _refill(self, sale: Sale, receiver: int, need: int) -> Refill:
         key = (sale.sku, receiver)

@@ -52,22 +52,27 @@ class PurchaseService:
         return await self._admit(sale, user_id, key, quantity)
 
     async def _admit(self, sale: Sale, user_id: int, key: str, quantity: int) -> Outcome:
-        # What to record when the shard is short: nothing yet (ask for units), unless the
+        if self.store.binds_key_apart(user_id, shard_of(user_id, sale.shards)) \
+                and not await self.store.bind_key(user_id, key, sale.sku, quantity):
+            raise ApiError(422, "IDEMPOTENCY_KEY_REUSED",
+                           "this key was used before with a different SKU or quantity")
+        # What to record when the shard is short: nothing yet (ask for units), until the
         # whole sale is known to be empty.
-        short_outcome = "SOLD_OUT" if self.sold_out.known(sale.sku) else ""
+        short_outcome = ""
         for attempt in range(MAX_ATTEMPTS):
             shard = shard_of(user_id, sale.shards)
             reply = await self.store.purchase(sale, user_id, key, quantity, shard, short_outcome)
             code = reply.code
             if code is Code.NEED_UNITS:
-                if await self.sold_out.flagged(sale.sku):
-                    # Known sold out (set after a consistent read of every shard, cleared
-                    # when units come back): no need to look again.
+                seen = await self.sold_out.read(sale)
+                if seen.sold_out:
+                    # Known sold out (a consistent read of every shard found none, and no
+                    # unit came back since): no need to look again.
                     short_outcome = "SOLD_OUT"
                     continue
                 refill = await self.rebalancer.refill(sale, shard, quantity)
-                if refill is Refill.SOLD_OUT:
-                    await self.sold_out.confirm(sale.sku)
+                if refill is Refill.SOLD_OUT and not await self.sold_out.confirm(sale, seen):
+                    refill = Refill.RETRY  # units came back while we looked: look again
                 short_outcome = SHORT_OUTCOME.get(refill, "")
                 if refill is Refill.RETRY or attempt >= 2:
                     # Near the end of a sale, crowds on several shards pull the last
@@ -82,9 +87,5 @@ class PurchaseService:
                     raise ApiError(404, "SALE_NOT_FOUND", "no sale for this SKU")
                 sale = fresh
                 continue
-            # A SOLD_OUT reply does not renew the sold-out memory: only a refill's check
-            # of every shard does. It may answer a quantity the sale cannot fill while
-            # units are left (Refill.INSUFFICIENT), and renewed by every such reply the
-            # memory would outlive units given back by a compensation.
             return render(reply, sale, user_id, self.settings.duplicate_response)
         raise unavailable("the sale is busy moving units; retry with the same key")

@@ -1,8 +1,10 @@
 """Units that come back to a sale: the one path by which a purchase is undone.
 
-Today: a delivery the endpoint refused (``rejected``). The units go back to the
-purchase's shard, the buyer's per-user count is freed, and the sale is no longer known
-to be sold out, so the next buyers get those units.
+A delivery the endpoint refused (``rejected``), or an order left unpaid past its
+deadline or cancelled before payment (``released``, by the orders service through
+``POST /admin/orders/{no}/release``). The units go back to the purchase's shard, the
+buyer's per-user count is freed, and the sale is no longer known to be sold out, so the
+next buyers get those units. A repeat moves nothing.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from dataclasses import dataclass
 
 from gateway.admission.soldout import SoldOut
 from gateway.models import Order
-from gateway.store.scripts.compensate import Compensated
+from gateway.store.scripts.compensate import Compensated, Result
 from gateway.store.store import Store
 
 
@@ -24,10 +26,20 @@ class Returns:
     async def reject(self, order: Order, reason: str, keep_units: Iterable[int] = ()) -> Compensated:
         """The endpoint refused the order; ``keep_units`` it says another order holds
         (they stay sold). Safe to repeat."""
-        result = await self.store.compensate(order, reason, keep_units)
-        if result is not Compensated.NO_ORDER:
+        return (await self._give_back(order, reason, keep_units, "rejected")).outcome
+
+    async def release(self, order: Order, reason: str) -> Result:
+        """Unpaid past its deadline (``expired``) or cancelled (``cancelled``): also a
+        delivered order. An order not yet delivered is then never delivered. Safe to
+        repeat: the answer says what the order is."""
+        return await self._give_back(order, reason, (), "released")
+
+    async def _give_back(self, order: Order, reason: str, keep_units: Iterable[int],
+                         status: str) -> Result:
+        result = await self.store.compensate(order, reason, keep_units, status)
+        if result.outcome is not Compensated.NO_ORDER:
             # Units came back: the sale may be buyable again. (Also after ALREADY: a
-            # compensation that ran before a Redis error may not have cleared it; a
-            # needless clear only costs one consistent read of the sale.)
+            # return that ran before a Redis error may not have been counted; a needless
+            # count only costs the next sold-out check one more consistent read.)
             await self.sold_out.units_returned(order.sku)
         return result

@@ -179,7 +179,7 @@ class Relay:
         outage = RedisOutage()
         while not self._stopping.is_set():
             with outage:
-                count = await self.streams.shard_count(await self.store.list_sales())
+                count = await self.store.relay_shards()
                 for shard in range(len(self._readers), count):
                     self._readers[shard] = asyncio.create_task(
                         self._read_forever(self.store.keys.stream(shard)), name=f"relay-read-{shard}")

@@ -21,19 +21,6 @@ class PurchaseStreams:
     group: str
     consumer: str
 
-    @property
-    def high_water_key(self) -> str:
-        """Sorted set remembering the largest shard count ever seen, so that streams of
-        a deleted wider sale are still read after a restart."""
-        return f"{self.keys.prefix}:relay:shards"
-
-    async def shard_count(self, sales: dict[str, int]) -> int:
-        seen = max(sales.values(), default=0)
-        if seen:
-            await self.client.zadd(self.high_water_key, {"max": seen}, gt=True)
-        stored = await self.client.zscore(self.high_water_key, "max")
-        return max(seen, int(stored or 0))
-
     async def ensure_group(self, stream: str) -> None:
         try:
             await self.client.xgroup_create(stream, self.group, id="0", mkstream=True)

@@ -25,9 +25,8 @@ async def put_sale(request: web.Request) -> web.Response:
         per_user_limit=int_field(data, "per_user_limit", 1, 1, MAX_LIMIT),
         shards=int_field(data, "shards", gw.settings.shards, 1, MAX_SHARDS),
     )
-    if not await gw.store.create_sale(sale):
-        raise ApiError(409, "SALE_EXISTS", "a sale with this SKU exists")
-    gw.forget_sale(sku)
+    if not await gw.create_sale(sale):
+        raise ApiError(409, "SALE_EXISTS", "a sale with this SKU exists (or is being made)")
     return json_response(201, {"code": "CREATED", "sku": sku, "stock": sale.stock, "price": sale.price,
                                "per_user_limit": sale.per_user_limit, "shards": sale.shards})
 
@@ -45,9 +44,6 @@ async def delete_sale(request: web.Request) -> web.Response:
     gw = gateway_of(request)
     gw.auth.require_admin(request)
     sku = sku_of(request)
-    sale = await gw.store.get_sale(sku)
-    if sale is None:
+    if not await gw.delete_sale(sku):
         raise ApiError(404, "SALE_NOT_FOUND", "no sale for this SKU")
-    await gw.store.delete_sale(sale)
-    gw.forget_sale(sku)
     return web.Response(status=204)

@@ -6,11 +6,11 @@ import asyncio
 import os
 
 import redis
-from redis.asyncio import Redis
+from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialWithJitterBackoff
 from redis.exceptions import RedisClusterException, RedisError
-from redis.retry import Retry
 
 from gateway.config import Settings
 
@@ -44,19 +44,26 @@ def is_redis_failure(exc: BaseException) -> bool:
 
 
 def connect(settings: Settings) -> RedisClient:
+    """A client that resends a call once (cluster: twice, after re-reading the slot map)
+    when its reply was lost to a timeout or a dropped connection. That is only safe
+    because every script is: a resent call that had run answers what its first run did.
+    (The asyncio client takes the asyncio ``Retry``: given the synchronous one, it never
+    retried.)"""
     timeout = settings.redis_timeout
+    # Connections per node: never fewer than the requests a process lets in at once
+    # (redis-py's cluster client raises past its cap, 100 by default, instead of waiting).
+    connections = max(100, settings.max_in_flight)
     if settings.redis_mode == "cluster":
         return RedisCluster.from_url(
             settings.redis_url, decode_responses=True, socket_timeout=timeout,
-            socket_connect_timeout=timeout,
+            socket_connect_timeout=timeout, max_connections=connections,
             retry=Retry(ExponentialWithJitterBackoff(base=0.05, cap=0.5), 2),
         )
-    return Redis.from_url(
+    pool = BlockingConnectionPool.from_url(
         settings.redis_url, decode_responses=True, socket_timeout=timeout,
-        socket_connect_timeout=timeout,
-        retry=Retry(ExponentialWithJitterBackoff(base=0.05, cap=0.5), 1),
-        max_connections=512,
-    )
+        socket_connect_timeout=timeout, max_connections=connections, timeout=timeout,
+        retry=Retry(ExponentialWithJitterBackoff(base=0.05, cap=0.5), 1))
+    return Redis(connection_pool=pool)
 
 
 class RedisOutage:

@@ -7,9 +7,13 @@ a key, so a ``{`` or ``}`` in user text can neither move a key to another slot n
 split one purchase over two slots.
 
 A user belongs to shard ``user_id % shards``; the shard count is fixed per sale when
-the sale is created. The tag does not name the SKU, so one user's idempotency records
-for all sales with the same shard count share a slot with each purchase they guard:
-a key used for one SKU is seen as reused when sent for another.
+the sale is created. An idempotency key's record lives in the slot of
+``user_id % KEY_SHARDS`` (16, fixed for every deployment: changing it would forget every
+key in use), whatever the sale's shard count, so a key used for one sale is seen when it
+is sent for another. When a purchase's shard is that slot (every sale of 16 shards) the
+purchase script reads and writes the record in the same atomic call; otherwise the key
+is bound to its request there first (``claim_key.lua``) and the purchase keeps its
+outcome in its own slot.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ SKU_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}")
 CLIENT_KEY_RE = re.compile(r"[A-Za-z0-9_-]{8,128}")
 ORDER_NO_RE = re.compile(r"(\d{1,4})-[0-9a-f]{32}")
 MAX_USER_ID = 2**63
+KEY_SHARDS = 16
 
 
 def valid_sku(sku: str) -> bool:
@@ -30,6 +35,11 @@ def valid_sku(sku: str) -> bool:
 
 def shard_of(user_id: int, shards: int) -> int:
     return user_id % shards
+
+
+def key_shard(user_id: int) -> int:
+    """The shard (slot) of a user's idempotency records, for every sale."""
+    return user_id % KEY_SHARDS
 
 
 def new_order_no(shard: int) -> str:
@@ -72,6 +82,10 @@ class ShardKeys:
         return f"{self.tag}:transfers-out:{self.sku}"
 
     @property
+    def transfers_done(self) -> str:
+        return f"{self.tag}:transfers-done:{self.sku}"
+
+    @property
     def transfers_in(self) -> str:
         return f"{self.tag}:transfers-in:{self.sku}"
 
@@ -85,10 +99,11 @@ class ShardKeys:
     def idempotency(self, user_id: int, key: str) -> str:
         return f"{self.tag}:idem:{user_id}:{key}"
 
-    def sale_keys(self) -> tuple[str, ...]:
-        """Every per-sale key of this shard (orders and idempotency records aside)."""
-        return (self.stock, self.units, self.buyers, self.order_index,
-                self.transfers_out, self.transfers_in)
+    def closing_keys(self) -> tuple[str, ...]:
+        """What ``close_shard.lua`` takes: every per-sale key of this shard (orders and
+        idempotency records aside), the order index last."""
+        return (self.stock, self.units, self.buyers, self.transfers_out, self.transfers_done,
+                self.transfers_in, self.order_index)
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,13 +122,23 @@ class KeySpace:
     def order(self, order_no: str, shard: int) -> str:
         return f"{self.tag(shard)}:order:{order_no}"
 
+    def key_record(self, user_id: int, key: str) -> str:
+        """Where an idempotency key is bound to its request, for every sale."""
+        return self.shard("", key_shard(user_id)).idempotency(user_id, key)
+
     def sale(self, sku: str) -> str:
         """The sale's registry record (one key, never used with others in a script)."""
         return f"{self.prefix}:sale:{sku}"
 
     def sold_out(self, sku: str) -> str:
-        """Set while the whole sale is known to have no units left."""
-        return f"{self.prefix}:soldout:{sku}"
+        """The sale's sold-out state (``mark_sold_out.lua``)."""
+        return f"{self.prefix}:sold-out:{sku}"
+
+    @property
+    def relay_shards(self) -> str:
+        """Sorted set: the largest shard count of any sale ever created (or being
+        created), so that the relay reads every stream that can hold a purchase."""
+        return f"{self.prefix}:relay:shards"
 
     @property
     def sales(self) -> str:

@@ -3,47 +3,85 @@
 Works the same on standalone Redis and on Redis Cluster: a script only ever gets the
 keys of one shard (one hash tag), and cross-shard reads go through a non-transactional
 pipeline, which the Cluster client splits by node. What each script takes and answers
-is known only to its owner in ``gateway.store.scripts``.
+is known only to its owner in ``gateway.store.scripts``. Every call here is safe to send
+twice (redis-py resends a call whose reply was lost).
 """
 
 from __future__ import annotations
 
+import asyncio
 import secrets
 import time
-from collections.abc import Iterable
-from typing import Any
-
-import orjson
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass, replace
+from typing import Any, TypeVar
 
 from gateway.models import Order, Sale, ShardState, Transfer
 from gateway.store.connection import RedisClient
-from gateway.store.keys import KeySpace, new_order_no, shard_of_order
-from gateway.store.scripts import ScriptRunner, create_shard, transfer
+from gateway.store.keys import KeySpace, ShardKeys, key_shard, new_order_no, shard_of_order
+from gateway.store.scripts import ScriptRunner, transfer
 from gateway.store.scripts import compensate as compensate_script
 from gateway.store.scripts import mark_delivered as mark_delivered_script
 from gateway.store.scripts import purchase as purchase_script
+from gateway.store.scripts import sales as sale_scripts
+from gateway.store.scripts import sold_out as sold_out_script
 from gateway.store.scripts.compensate import Compensated
 from gateway.store.scripts.mark_delivered import Delivered
+from gateway.store.scripts.sales import Claim, Shard
 from gateway.store.scripts.transfer import Applied
+
+T = TypeVar("T")
+
+# Shards created at a time (the lease is renewed between batches).
+CREATE_BATCH = 256
 
 
 def now_ms() -> int:
     return int(time.time() * 1000)
 
 
+class SaleTaken(Exception):
+    """Another creation or deletion of the SKU took it over while we worked."""
+
+
+@dataclass(frozen=True, slots=True)
+class SoldOutState:
+    """The sale's shared sold-out state: ``returns`` counts units given back, as read
+    (the token a later ``mark_sold_out`` compares)."""
+
+    sold_out: bool
+    returns: str
+
+
 class Store:
     def __init__(self, client: RedisClient, keys: KeySpace, outcome_ttl: int = 300,
-                 batcher: ScriptRunner | None = None) -> None:
+                 batcher: ScriptRunner | None = None, creation_lease_ms: int = 10_000) -> None:
         """``batcher`` (see ``gateway.store.transport``), when given, carries the hot-path
         script calls (the purchase) batched into pipelines; everything else goes to
-        ``client``. The caller that made the batcher closes it."""
+        ``client``. The caller that made the batcher closes it. ``creation_lease_ms``: a
+        creation or deletion of a sale not renewed for this long is taken to have died
+        (the next PUT or DELETE of the SKU finishes or undoes it)."""
         self.client = client
         self.keys = keys
         self.outcome_ttl = outcome_ttl
         self.batcher = batcher
+        self.creation_lease_ms = creation_lease_ms
 
     def _pipeline(self) -> Any:
         return self.client.pipeline(transaction=False)
+
+    async def _each(self, call: Callable[[ScriptRunner, int], Awaitable[T]],
+                    shards: Iterable[int]) -> list[T]:
+        """A script call per shard, concurrently: through the batcher (one pipeline per
+        node), or through the client within its connection pool's bounds."""
+        runner: ScriptRunner = self.batcher or self.client
+        limit = asyncio.Semaphore(256 if self.batcher is not None else 32)
+
+        async def one(shard: int) -> T:
+            async with limit:
+                return await call(runner, shard)
+
+        return list(await asyncio.gather(*(one(shard) for shard in shards)))
 
     async def ping(self) -> bool:
         return bool(await self.client.ping())
@@ -54,65 +92,135 @@ class Store:
     # -- sales ------------------------------------------------------------------
 
     async def create_sale(self, sale: Sale) -> bool:
-        """Create the sale; False when the SKU is taken. The registry record is
-        claimed first (SET NX), then each shard is created (idempotently)."""
-        created_at = sale.created_at or now_ms()
-        generation = sale.generation or secrets.token_hex(6)
-        record = orjson.dumps({
-            "stock": sale.stock, "price": sale.price, "per_user_limit": sale.per_user_limit,
-            "shards": sale.shards, "created_at": created_at, "generation": generation,
-        })
-        if not await self.client.set(self.keys.sale(sale.sku), record, nx=True):
+        """Create the sale; False when the SKU is taken (a sale exists, or another is
+        being made). A creation that was cut off (a timeout, a crash) is finished by
+        this call when it has the same parameters, and undone first otherwise (once its
+        lease is over): never left half made."""
+        claimed = await self.begin_sale(sale)
+        if claimed is None:
             return False
-        sale = Sale(sale.sku, sale.stock, sale.price, sale.per_user_limit, sale.shards,
-                    created_at, generation)
-        for shard in range(sale.shards):
-            await create_shard.run(self.client, self.keys.shard(sale.sku, shard), sale)
-        await self.client.hset(self.keys.sales, sale.sku, sale.shards)
+        try:
+            for first in range(0, claimed.shards, CREATE_BATCH):
+                shards = range(first, min(first + CREATE_BATCH, claimed.shards))
+                replies = await self._each(
+                    lambda runner, shard: sale_scripts.create_shard(
+                        runner, self.keys.shard(sale.sku, shard), claimed), shards)
+                if Shard.OTHER_GENERATION in replies:
+                    raise SaleTaken(sale.sku)
+                await self._renew(claimed)
+            if not await sale_scripts.set_state(self.client, self.keys.sale(sale.sku),
+                                                claimed.generation, "ready"):
+                raise SaleTaken(sale.sku)
+        except SaleTaken:
+            return False
         return True
 
+    async def begin_sale(self, sale: Sale) -> Sale | None:
+        """Claim the SKU for ``sale`` (its record reads ``creating``) and make sure the
+        relay reads every stream the sale can write to, before any shard exists. The
+        sale to create (with its generation: a cut-off creation's, when resumed); None
+        when the SKU is taken."""
+        registry = self.keys.sale(sale.sku)
+        fresh = replace(sale, created_at=sale.created_at or now_ms(),
+                        generation=sale.generation or secrets.token_hex(6))
+        for _ in range(3):
+            reply = await sale_scripts.claim(self.client, registry, fresh, now_ms(),
+                                             self.creation_lease_ms)
+            if reply.claim is Claim.TAKEN:
+                return None
+            if reply.claim is Claim.STALE:
+                # Its creator or deleter died: finish that (undo a half-made sale).
+                await self._finish_delete(sale.sku, reply.generation)
+                continue
+            claimed = replace(fresh, generation=reply.generation)
+            if reply.claim is Claim.RESUME:
+                stored = await self._sale_from_record(sale.sku)
+                claimed = stored[0] if stored is not None else claimed
+            await self.register_streams(claimed.shards)
+            await self.client.hset(self.keys.sales, sale.sku, claimed.shards)
+            return claimed
+        return None
+
+    async def create_shard(self, sale: Sale, shard: int) -> Shard:
+        return await sale_scripts.create_shard(self.client, self.keys.shard(sale.sku, shard), sale)
+
+    async def _renew(self, sale: Sale) -> None:
+        reply = await sale_scripts.claim(self.client, self.keys.sale(sale.sku), sale, now_ms(),
+                                         self.creation_lease_ms)
+        if reply.claim is not Claim.RESUME or reply.generation != sale.generation:
+            raise SaleTaken(sale.sku)
+
     async def get_sale(self, sku: str) -> Sale | None:
-        record = await self.client.get(self.keys.sale(sku))
-        if record is None:
+        """The sale, once it is complete (a sale being created or deleted is not for sale)."""
+        found = await self._sale_from_record(sku)
+        return found[0] if found is not None and found[1] == "ready" else None
+
+    async def sale_record(self, sku: str) -> tuple[Sale, str] | None:
+        """The sale and its state (``creating``, ``ready``, ``deleting``), whatever it is."""
+        return await self._sale_from_record(sku)
+
+    async def _sale_from_record(self, sku: str) -> tuple[Sale, str] | None:
+        record: dict[str, str] = await self.client.hgetall(self.keys.sale(sku))  # type: ignore[assignment]
+        if not record or "generation" not in record or "stock" not in record:
             return None
-        data = orjson.loads(record)
-        return Sale(sku=sku, stock=data["stock"], price=data["price"],
-                    per_user_limit=data["per_user_limit"], shards=data["shards"],
-                    created_at=data["created_at"], generation=data.get("generation", ""))
+        sale = Sale(sku=sku, stock=int(record["stock"]), price=int(record["price"]),
+                    per_user_limit=int(record["per_user_limit"]), shards=int(record["shards"]),
+                    created_at=int(record["created_at"]), generation=record["generation"],
+                    starts_at=int(record.get("starts_at") or 0),
+                    ends_at=int(record.get("ends_at") or 0),
+                    payment_ttl=int(record.get("payment_ttl") or 0),
+                    admit_rate=float(record.get("admit_rate") or 0))
+        return sale, record.get("state", "")
 
     async def list_sales(self) -> dict[str, int]:
-        """SKU -> shard count of every sale."""
+        """SKU -> shard count of every sale (also those being created or deleted)."""
         sales: dict[str, str] = await self.client.hgetall(self.keys.sales)  # type: ignore[assignment]
         return {sku: int(n) for sku, n in sales.items()}
 
-    async def set_sold_out_flag(self, sku: str, sold_out: bool) -> None:
-        """The shared "no units anywhere" flag (decided by ``admission.soldout``)."""
-        if sold_out:
-            await self.client.set(self.keys.sold_out(sku), 1)
-        else:
-            await self.client.delete(self.keys.sold_out(sku))
+    async def register_streams(self, shards: int) -> None:
+        """The relay reads streams 0..shards-1 from now on (the mark only grows)."""
+        await self.client.zadd(self.keys.relay_shards, {"max": shards}, gt=True)
 
-    async def sold_out_flag(self, sku: str) -> bool:
-        return bool(await self.client.exists(self.keys.sold_out(sku)))
+    async def relay_shards(self) -> int:
+        """How many shard streams can hold a purchase: those of the widest sale ever
+        begun (deleted sales too: their streams may hold purchases not yet delivered)."""
+        stored = await self.client.zscore(self.keys.relay_shards, "max")
+        sales = await self.list_sales()
+        return max(int(stored or 0), max(sales.values(), default=0))
 
     async def delete_sale(self, sale: Sale) -> None:
         """Remove the sale and every key of it: shards, buyers, orders, transfers.
+        Each shard is closed first (its stock record goes, so no purchase lands in it
+        afterwards), then its orders are deleted; the registry record goes last, so a
+        deletion cut off half-way is finished by the next DELETE (or PUT) of the SKU.
         Idempotency records are not per sale; they expire on their own."""
+        lease = now_ms() + self.creation_lease_ms
+        await sale_scripts.set_state(self.client, self.keys.sale(sale.sku), sale.generation,
+                                     "deleting", lease)
+        await self._finish_delete(sale.sku, sale.generation, sale.shards)
+
+    async def _finish_delete(self, sku: str, generation: str, shards: int | None = None) -> None:
+        if shards is None:
+            found = await self._sale_from_record(sku)
+            shards = found[0].shards if found is not None else await self.relay_shards()
+        closed = await self._each(
+            lambda runner, shard: sale_scripts.close_shard(
+                runner, self.keys.shard(sku, shard), generation), range(shards))
         pipe = self._pipeline()
-        for shard in range(sale.shards):
-            pipe.smembers(self.keys.shard(sale.sku, shard).order_index)
-        indexes = await pipe.execute()
-        pipe = self._pipeline()
-        for shard, order_nos in enumerate(indexes):
-            sk = self.keys.shard(sale.sku, shard)
+        for shard, order_nos in enumerate(closed):
+            if order_nos is None:
+                continue  # another generation's shard
+            sk = self.keys.shard(sku, shard)
             for order_no in order_nos:
                 pipe.delete(sk.order(order_no))
-            for key in sk.sale_keys():
-                pipe.delete(key)
-        pipe.hdel(self.keys.sales, sale.sku)
-        pipe.delete(self.keys.sold_out(sale.sku))
-        pipe.delete(self.keys.sale(sale.sku))
+            pipe.delete(sk.order_index)
+        pipe.delete(self.keys.sold_out(sku))
         await pipe.execute()
+        registry = self.keys.sale(sku)
+        found = await self._sale_from_record(sku)
+        if found is None or found[0].generation == generation:
+            await self.client.hdel(self.keys.sales, sku)
+        await sale_scripts.set_state(self.client, registry, generation, "gone")
 
     async def shard_states(self, sale: Sale, shards: Iterable[int] | None = None) -> list[ShardState]:
         shards = list(range(sale.shards) if shards is None else shards)
@@ -143,7 +251,34 @@ class Store:
         replies = await pipe.execute()
         return {tid for tid, hit in zip(asked, replies) if hit}
 
+    # -- sold out ---------------------------------------------------------------
+
+    async def sold_out_state(self, sale: Sale) -> SoldOutState:
+        returns, at, generation = await self.client.hmget(
+            self.keys.sold_out(sale.sku), "returns", "sold_out_at", "generation")
+        seen = str(returns or "")
+        return SoldOutState(at is not None and at == seen and generation == sale.generation, seen)
+
+    async def mark_sold_out(self, sale: Sale, seen: SoldOutState) -> bool:
+        return await sold_out_script.mark(self.client, self.keys.sold_out(sale.sku), seen.returns,
+                                          sale.generation)
+
+    async def count_return(self, sku: str) -> None:
+        """Units came back to the sale: any sold-out mark set before is stale now."""
+        await self.client.hincrby(self.keys.sold_out(sku), "returns", 1)
+
     # -- purchase ---------------------------------------------------------------
+
+    def binds_key_apart(self, user_id: int, shard: int) -> bool:
+        """Whether a purchase in ``shard`` must first bind its key in the key's own slot
+        (it is another slot)."""
+        return shard != key_shard(user_id)
+
+    async def bind_key(self, user_id: int, key: str, sku: str, quantity: int) -> bool:
+        """False: the key was used for another request (another sale or quantity)."""
+        return await purchase_script.bind_key(self.batcher or self.client,
+                                              self.keys.key_record(user_id, key),
+                                              f"{sku}|{quantity}", self.outcome_ttl)
 
     async def purchase(self, sale: Sale, user_id: int, key: str, quantity: int,
                        shard: int, short_outcome: str = "") -> purchase_script.Reply:
@@ -169,8 +304,7 @@ class Store:
                                      sale.generation)
 
     async def transfer_done(self, sale: Sale, move: Transfer) -> None:
-        await self.client.hdel(self.keys.shard(sale.sku, move.donor).transfers_out,
-                               move.transfer_id)
+        await transfer.finish(self.client, self.keys.shard(sale.sku, move.donor), move.transfer_id)
 
     # -- orders -------------------------------------------------------------------
 
@@ -182,20 +316,20 @@ class Store:
             self.keys.order(order_no, shard))
         return Order.from_record(record) if record else None
 
-    def _order_shard(self, order: Order) -> tuple[Any, str]:
+    def _order_shard(self, order: Order) -> tuple[ShardKeys, str]:
         shard = shard_of_order(order.order_no)
         assert shard is not None
         sk = self.keys.shard(order.sku, shard)
         return sk, order.idempotency_key or sk.idempotency(order.user_id, "-")
 
-    async def compensate(self, order: Order, reason: str,
-                         keep_units: Iterable[int] = ()) -> Compensated:
-        """Undo a purchase the endpoint refused: its units back in its shard (but
-        ``keep_units``, sold to another order), the buyer's limit freed."""
+    async def compensate(self, order: Order, reason: str, keep_units: Iterable[int] = (),
+                         status: str = "rejected") -> compensate_script.Result:
+        """Give a purchase's units back to its shard (but ``keep_units``, sold to another
+        order) and free the buyer's limit: the endpoint refused it (``rejected``), or it
+        was left unpaid or cancelled (``released``)."""
         sk, idempotency_key = self._order_shard(order)
-        result = await compensate_script.run(self.client, sk, order.order_no, idempotency_key,
-                                             reason, keep_units)
-        return result.outcome
+        return await compensate_script.run(self.client, sk, order.order_no, idempotency_key,
+                                           reason, keep_units, status)
 
     async def mark_delivered(self, order: Order) -> Delivered:
         sk, idempotency_key = self._order_shard(order)
@@ -208,3 +342,6 @@ class Store:
         process to start stores its candidate, everyone reads the stored one."""
         await self.client.set(self.keys.token_secret, candidate, nx=True)
         return str(await self.client.get(self.keys.token_secret))
+
+
+__all__ = ["Compensated", "Delivered", "SaleTaken", "SoldOutState", "Store"]

@@ -1,46 +1,54 @@
 --[[
-  Undo an admitted purchase that the seckill endpoint refused: its units go back to
-  the shard, the buyer's count drops, the order reads "rejected" and the key's stored
-  outcome says so. Safe to run twice.
+  Give an admitted purchase's units back to its sale: the endpoint refused the order
+  ("rejected"), or it was left unpaid past its deadline or cancelled ("released"). The
+  units go back to the purchase's shard, the buyer's count drops, the order and the
+  key's stored outcome say what happened. Safe to run twice: the second run moves
+  nothing and answers the order's status.
 
-  Units the endpoint reported as taken by another order (UNIT_TAKEN: a Redis failover
-  lost the write that sold them, so they were issued twice) are sold already: they
-  stay counted as sold and are not returned, or the next buyer would be refused too.
+  A rejection applies to an order not yet delivered; a release also to a delivered one
+  (the endpoint holds it, unpaid). Units the endpoint reported as taken by another order
+  (UNIT_TAKEN: a Redis failover lost the write that sold them, so they were issued
+  twice) are sold already: they stay counted as sold, or the next buyer would be
+  refused too. An order of an earlier sale of the same SKU (deleted, created again)
+  gives nothing back: its units belong to no sale now.
 
   Input:
-    KEYS[1] order record         (hash: units, quantity, user_id, status, idempotency_key, ...)
-    KEYS[2] shard stock          (hash: remaining, sold, version, ...)
+    KEYS[1] order record         (hash: units, quantity, user_id, status, generation, ...)
+    KEYS[2] shard stock          (hash: remaining, sold, version, generation, ...)
     KEYS[3] shard free units     (list of "lo-hi" ranges)
     KEYS[4] shard buyers         (hash: <user_id> -> units held, <user_id>:o -> order_no)
     KEYS[5] idempotency record of the purchase (may have expired)
 
     ARGV[1] reason, stored on the order
     ARGV[2] units not to return, "u,u,..." (may be empty)
+    ARGV[3] the order's new status: "rejected" or "released"
 
   Output:
-    {1, returned}  compensated: `returned` units back in the shard
-    {0}            nothing to undo: the order was rejected already, or delivered (an
-                   endpoint that stored it and then refuses a repeat must not get its
-                   units sold again)
+    {1, returned}  done: `returned` units back in the shard
+    {0, status}    nothing to do: the order is `status` already (rejected or released),
+                   or a rejection met a delivered order (an endpoint that stored it and
+                   then refuses a repeat must not get its units sold again)
     {-1}           no such order
 ]]
 local rcall = redis.call
 
-local order = rcall("HMGET", KEYS[1], "status", "units", "quantity", "user_id", "order_no")
+local order = rcall("HMGET", KEYS[1], "status", "units", "quantity", "user_id", "generation")
 if not order[1] then
   return {-1}
 end
-if order[1] ~= "admitted" then
-  return {0}
+local status = order[1]
+if status ~= "admitted" and not (status == "delivered" and ARGV[3] == "released") then
+  return {0, status}
 end
-local quantity = tonumber(order[3])
 
-local keep = {}
-for unit in string.gmatch(ARGV[2], "[^,]+") do
-  keep[unit] = true
-end
+local shard = rcall("HMGET", KEYS[2], "generation")
+local sameSale = shard[1] and (not order[5] or order[5] == "" or order[5] == shard[1])
 local returned = 0
-if rcall("EXISTS", KEYS[2]) == 1 then
+if sameSale then
+  local keep = {}
+  for unit in string.gmatch(ARGV[2], "[^,]+") do
+    keep[unit] = true
+  end
   for unit in string.gmatch(order[2], "[^,]+") do
     if not keep[unit] then
       rcall("RPUSH", KEYS[3], unit .. "-" .. unit)
@@ -50,18 +58,18 @@ if rcall("EXISTS", KEYS[2]) == 1 then
   rcall("HINCRBY", KEYS[2], "remaining", returned)
   rcall("HINCRBY", KEYS[2], "sold", -returned)
   rcall("HINCRBY", KEYS[2], "version", 1)
+
+  local userId = order[4]
+  local held = tonumber(rcall("HGET", KEYS[4], userId) or "0") - tonumber(order[3])
+  if held > 0 then
+    rcall("HSET", KEYS[4], userId, held)
+  else
+    rcall("HDEL", KEYS[4], userId, userId .. ":o")
+  end
 end
 
-local userId = order[4]
-local held = tonumber(rcall("HGET", KEYS[4], userId) or "0") - quantity
-if held > 0 then
-  rcall("HSET", KEYS[4], userId, held)
-else
-  rcall("HDEL", KEYS[4], userId, userId .. ":o")
-end
-
-rcall("HSET", KEYS[1], "status", "rejected", "reason", ARGV[1])
+rcall("HSET", KEYS[1], "status", ARGV[3], "reason", ARGV[1])
 if rcall("EXISTS", KEYS[5]) == 1 then
-  rcall("HSET", KEYS[5], "order_status", "rejected")
+  rcall("HSET", KEYS[5], "order_status", ARGV[3])
 end
 return {1, returned}

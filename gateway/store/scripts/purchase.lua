@@ -1,18 +1,24 @@
 --[[
   Admit one purchase on one shard of a sale, atomically.
 
-  Checks the idempotency key (and the request it was first used for), the sale, the
-  per-user limit and the shard's free units; takes unit numbers; records the buyer,
-  the order, the key's outcome and a purchase-stream entry for the relay.
-  Safe to run twice: a second run with the same key returns the first outcome (and
-  says whether it was this very attempt, resent by a client library).
+  Checks the sale's window (on the server's clock: a gateway process with a stale view
+  of the sale cannot admit outside it), the idempotency key (and the request it was
+  first used for), the per-user limit and the shard's free units; takes unit numbers;
+  records the buyer, the order, the key's outcome and a purchase-stream entry for the
+  relay. Safe to run twice: a second run with the same key returns the first outcome
+  (and says whether it was this very attempt, resent by a client library).
+
+  A key record holding only `request` was written by claim_key.lua (the key is bound
+  to this request in its own slot; the purchase runs here, in another slot): it is the
+  key's first use in this slot.
 
   All keys share one hash tag (the shard), so on Redis Cluster they sit in one slot.
 
   Input:
     KEYS[1] idempotency record   (hash: request, attempt, outcome, order_no, units,
                                   order_status; expires)
-    KEYS[2] shard stock          (hash: remaining, sold, limit, price, shards, version, generation)
+    KEYS[2] shard stock          (hash: remaining, sold, limit, price, shards, version,
+                                  generation, starts_at, ends_at, payment_ttl)
     KEYS[3] shard free units     (list of "lo-hi" ranges, taken from the head)
     KEYS[4] shard buyers         (hash: <user_id> -> units held, <user_id>:o -> last order_no)
     KEYS[5] order record         (hash, written only when admitted)
@@ -44,6 +50,8 @@
     {6}                                  SALE_NOT_FOUND, nothing recorded
     {7, shards}                          SHARDS_MISMATCH: the sale has another shard count
     {8, limit}                           BAD_QUANTITY: quantity over the per-user limit
+    {9, starts_at}                       NOT_STARTED: before the sale's start, nothing recorded
+    {10, ends_at}                        ENDED: after the sale's end, nothing recorded
 ]]
 local rcall = redis.call
 
@@ -63,10 +71,32 @@ local function record(outcome, orderNo, units)
   rcall("EXPIRE", idemKey, tonumber(ARGV[7]))
 end
 
--- 1. The key: one key, one outcome.
+-- 1. The sale, as this shard knows it, and its window.
+local sale = rcall("HMGET", stockKey, "remaining", "limit", "price", "shards", "starts_at",
+                   "ends_at", "payment_ttl", "generation")
+if not sale[1] then
+  return {6}
+end
+if sale[4] ~= ARGV[8] then
+  return {7, sale[4]}
+end
+local startsAt = tonumber(sale[5] or "0") or 0
+local endsAt = tonumber(sale[6] or "0") or 0
+if startsAt > 0 or endsAt > 0 then
+  local clock = rcall("TIME")
+  local nowMs = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
+  if startsAt > 0 and nowMs < startsAt then
+    return {9, startsAt}
+  end
+  if endsAt > 0 and nowMs >= endsAt then
+    return {10, endsAt}
+  end
+end
+
+-- 2. The key: one key, one outcome.
 local seen = rcall("HMGET", idemKey, "request", "outcome", "order_no", "units", "order_status",
                    "attempt")
-if seen[1] then
+if seen[1] and (seen[2] or seen[1] ~= fingerprint) then
   if seen[1] ~= fingerprint then
     return {2}
   end
@@ -77,14 +107,6 @@ if seen[1] then
   return {1, seen[2], seen[3], seen[4], seen[5], sameAttempt}
 end
 
--- 2. The sale, as this shard knows it.
-local sale = rcall("HMGET", stockKey, "remaining", "limit", "price", "shards")
-if not sale[1] then
-  return {6}
-end
-if sale[4] ~= ARGV[8] then
-  return {7, sale[4]}
-end
 local remaining = tonumber(sale[1])
 local limit = tonumber(sale[2])
 if quantity > limit then
@@ -118,14 +140,21 @@ end
 local orderNo = ARGV[5]
 local units = table.concat(taken, ",")
 local amount = tonumber(sale[3]) * quantity
+local payBy = ""
+local paymentTtl = tonumber(sale[7] or "0") or 0
+if paymentTtl > 0 then
+  payBy = tostring(tonumber(ARGV[6]) + paymentTtl * 1000)
+end
 rcall("HINCRBY", stockKey, "remaining", -quantity)
 rcall("HINCRBY", stockKey, "sold", quantity)
 rcall("HSET", buyersKey, userId, held + quantity, userId .. ":o", orderNo)
 rcall("HSET", KEYS[5], "order_no", orderNo, "sku", ARGV[2], "user_id", userId,
       "units", units, "quantity", quantity, "amount", amount, "status", "admitted",
-      "admitted_at", ARGV[6], "idempotency_key", idemKey)
+      "admitted_at", ARGV[6], "pay_by", payBy, "idempotency_key", idemKey,
+      "generation", sale[8] or "")
 rcall("SADD", KEYS[6], orderNo)
 rcall("XADD", KEYS[7], "*", "order_no", orderNo, "sku", ARGV[2], "user_id", userId,
-      "units", units, "quantity", quantity, "amount", amount, "admitted_at", ARGV[6])
+      "units", units, "quantity", quantity, "amount", amount, "admitted_at", ARGV[6],
+      "pay_by", payBy)
 record("OK", orderNo, units)
 return {0, orderNo, units, amount}

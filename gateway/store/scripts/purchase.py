@@ -11,6 +11,7 @@ from gateway.store.keys import ShardKeys
 from gateway.store.scripts import Script, ScriptRunner
 
 SCRIPT = Script.load("purchase")
+CLAIM_KEY = Script.load("claim_key")
 
 
 class Code(enum.IntEnum):
@@ -25,6 +26,8 @@ class Code(enum.IntEnum):
     SALE_NOT_FOUND = 6
     SHARDS_MISMATCH = 7
     BAD_QUANTITY = 8
+    NOT_STARTED = 9    # before the sale's start (by the server's clock): nothing recorded
+    ENDED = 10         # after the sale's end: nothing recorded
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,6 +44,7 @@ class Reply:
     missing: int = 0
     order_status: str = ""      # DUPLICATE: what became of the order since
     same_attempt: bool = False  # DUPLICATE caused by a resend of this very call
+    at_ms: int = 0              # NOT_STARTED: the start; ENDED: the end
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,7 +87,15 @@ def decode(raw: list[Any]) -> Reply:
         return Reply(code, "ALREADY_PURCHASED", order_no=raw[1] or "")
     if code is Code.NEED_UNITS:
         return Reply(code, missing=int(raw[1]))
+    if code is Code.NOT_STARTED or code is Code.ENDED:
+        return Reply(code, at_ms=int(raw[1]))
     return Reply(code)
+
+
+async def bind_key(runner: ScriptRunner, key_record: str, fingerprint: str, ttl: int) -> bool:
+    """Bind a key to its request in the key's own slot (``claim_key.lua``), for a
+    purchase made in another slot. False: the key was used for another request."""
+    return int(await CLAIM_KEY(runner, (key_record,), (fingerprint, ttl))) != 2
 
 
 def admits(sha: str, raw: Any) -> bool:

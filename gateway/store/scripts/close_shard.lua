@@ -1,0 +1,34 @@
+--[[
+  Close one shard of a sale being deleted or undone: its stock record goes first, so no
+  purchase can land in it afterwards (purchase.lua answers SALE_NOT_FOUND), and the
+  numbers of the orders it admitted are returned, for the caller to delete their
+  records. Safe to run twice: a shard already closed returns its order index again (the
+  index is deleted last, by the caller, with the orders).
+
+  Input:
+    KEYS[1] shard stock              (hash: ..., generation)
+    KEYS[2] shard free units
+    KEYS[3] shard buyers
+    KEYS[4] shard pending transfers
+    KEYS[5] shard finished transfers
+    KEYS[6] shard applied transfers
+    KEYS[7] shard order index        (set of order_no)
+
+    ARGV[1] generation to close ("" : whichever)
+
+  Output:
+    {1, order_no...}  closed (or closed before); the orders to delete
+    {0}               the shard belongs to another generation: left alone
+]]
+local rcall = redis.call
+
+local generation = rcall("HGET", KEYS[1], "generation")
+if generation and ARGV[1] ~= "" and generation ~= ARGV[1] then
+  return {0}
+end
+rcall("DEL", KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6])
+local reply = {1}
+for _, orderNo in ipairs(rcall("SMEMBERS", KEYS[7])) do
+  reply[#reply + 1] = orderNo
+end
+return reply
