@@ -225,6 +225,7 @@ class ProxyStats:
     bytes_to_client: int = 0
     bytes_dropped: int = 0  # swallowed by blackhole()
     replies_delayed: int = 0  # replies held by a one-shot fault
+    commands: int = 0  # commands from clients (replicas' links not counted)
     internal_errors: int = 0  # bugs in the proxy (logged); a test should see 0
     faults: Counter[str] = field(default_factory=Counter)  # fault method -> calls
 
@@ -484,6 +485,8 @@ class _Link:
             if name in _UNPAIRED or (name == b"CLIENT" and args[1:2] and args[1].upper() == b"REPLY"):
                 self._unpair()
                 return
+            if not self.replication:
+                self.stats.commands += 1
             self._plans.append(0.0 if self.spared else self.faults.command_delay(args))
 
     def _split_replies(self, data: bytes) -> list[tuple[float, bytes]]:

@@ -29,6 +29,7 @@ from gateway.admission.tokens import TokenIssuer
 from gateway.aio import cancel_and_wait
 from gateway.config import Settings
 from gateway.delivery.relay import Relay
+from gateway.http.admin import sale_settings
 from gateway.http.auth import Authenticator
 from gateway.http.context import GATEWAY
 from gateway.http.middleware import METRIC_CHILDREN, guard
@@ -37,7 +38,7 @@ from gateway.http.ratelimit import RateLimiter
 from gateway.http.routes import add_routes
 from gateway.logs import LogThrottle
 from gateway.metrics import Metrics
-from gateway.models import Sale
+from gateway.models import Order, Sale
 from gateway.store.connection import RedisClient, connect, is_redis_failure
 from gateway.store.keys import KeySpace
 from gateway.store.scripts import purchase as purchase_script
@@ -129,6 +130,15 @@ class Gateway:
         task.add_done_callback(self._admin_work.discard)
         return await asyncio.shield(task)
 
+    async def release_order(self, order_no: str, reason: str) -> Order | None:
+        """Give an order's units back (``expired`` or ``cancelled``); the order as it is
+        then (``released``; or what it was if it was settled otherwise already)."""
+        order = await self.store.get_order(order_no)
+        if order is None:
+            return None
+        await self.returns.release(order, reason)
+        return await self.store.get_order(order_no)
+
     async def sale_status(self, sku: str) -> dict[str, Any] | None:
         found = await self.store.sale_record(sku)
         if found is None:
@@ -137,10 +147,8 @@ class Gateway:
         snap = await read_sale(self.store, sale)
         self.metrics.units_remaining.labels(sku).set(snap.remaining)
         return {
-            "sku": sku, "state": state, "stock": sale.stock, "sold": snap.sold,
-            "remaining": snap.remaining,
-            "in_transfer": snap.in_transfer, "price": sale.price,
-            "per_user_limit": sale.per_user_limit, "sold_out": snap.sold_out,
+            **sale_settings(sale), "state": state, "sold": snap.sold, "remaining": snap.remaining,
+            "released": snap.released, "in_transfer": snap.in_transfer, "sold_out": snap.sold_out,
             "shards": [{"shard": s.shard, "remaining": s.remaining, "sold": s.sold,
                         "transfers_out": len(s.transfers_out)} for s in snap.states],
         }

@@ -49,32 +49,41 @@ def cmd_relay(args: argparse.Namespace) -> int:
 
 def cmd_sale(args: argparse.Namespace) -> int:
     from gateway.app import Gateway
-    from gateway.models import Sale
+    from gateway.http.admin import parse_sale, sale_settings
+    from gateway.http.errors import ApiError
     from gateway.store.keys import valid_sku
 
     settings = _settings(args)
     if not valid_sku(args.sku):
         print("invalid SKU: 1-64 chars of [A-Za-z0-9_.:-]", file=sys.stderr)
         return 2
+    sale = None
+    if args.action == "create":
+        body = {name: value for name, value in (
+            ("stock", args.stock), ("price", args.price), ("per_user_limit", args.per_user_limit),
+            ("shards", args.shards), ("starts_at", args.starts_at), ("ends_at", args.ends_at),
+            ("payment_ttl", args.payment_ttl)) if value is not None}
+        if args.admit_rate is not None:
+            body["waiting_room"] = {"admit_rate": args.admit_rate}
+        try:
+            sale = parse_sale(args.sku, body, settings.shards)
+        except ApiError as exc:
+            print(exc.message, file=sys.stderr)
+            return 2
 
     async def run() -> int:
         gw = Gateway.build(settings)
         try:
-            if args.action == "create":
-                sale = Sale(args.sku, args.stock, args.price, args.per_user_limit,
-                            args.shards or settings.shards)
-                if not await gw.store.create_sale(sale):
+            if sale is not None:
+                if not await gw.create_sale(sale):
                     print(f"sale {args.sku} exists", file=sys.stderr)
                     return 1
-                _print({"code": "CREATED", "sku": sale.sku, "stock": sale.stock,
-                        "shards": sale.shards})
+                _print({"code": "CREATED", **sale_settings(sale)})
                 return 0
             if args.action == "delete":
-                found = await gw.store.get_sale(args.sku)
-                if found is None:
+                if not await gw.delete_sale(args.sku):
                     print(f"no sale {args.sku}", file=sys.stderr)
                     return 1
-                await gw.store.delete_sale(found)
                 return 0
             status = await gw.sale_status(args.sku)
             if status is None:
@@ -109,6 +118,12 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument("--price", type=int, default=0, help="minor units")
     create.add_argument("--per-user-limit", type=int, default=1)
     create.add_argument("--shards", type=int, default=None, help="default: SECKILL_SHARDS")
+    create.add_argument("--starts-at", help="RFC 3339, e.g. 2026-12-01T12:00:00Z (default: now)")
+    create.add_argument("--ends-at", help="RFC 3339 (default: no end)")
+    create.add_argument("--payment-ttl", type=int, default=None,
+                        help="seconds an order may stay unpaid (default: no deadline)")
+    create.add_argument("--admit-rate", type=float, default=None,
+                        help="a waiting room letting this many buyers through per second")
     for name in ("show", "delete"):
         p = sale_sub.add_parser(name)
         p.add_argument("sku")

@@ -46,6 +46,7 @@ class ShardState:
     sold: int
     version: int
     transfers_out: dict[str, str] = field(default_factory=dict)
+    returned: int = 0  # units given back to this shard (refused, expired, cancelled orders)
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,8 +135,9 @@ class Order:
 
     def public(self) -> dict[str, Any]:
         body = self.purchase.payload()
-        del body["pay_by"]
         body["status"] = self.status
+        if self.status == "released":
+            body["release_reason"] = self.reason
         return body
 
 

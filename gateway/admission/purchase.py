@@ -19,6 +19,8 @@ from gateway.admission.outcomes import Outcome, render
 from gateway.admission.sales import SaleCache
 from gateway.admission.soldout import SoldOut
 from gateway.admission.tokens import TokenIssuer
+from gateway.admission.window import check_window, ended, not_started
+from gateway.clock import now_ms
 from gateway.config import Settings
 from gateway.http.errors import ApiError, bad_request, unavailable
 from gateway.models import Sale
@@ -47,6 +49,7 @@ class PurchaseService:
             raise ApiError(404, "SALE_NOT_FOUND", "no sale for this SKU")
         if quantity > sale.per_user_limit:
             raise bad_request(f"quantity must be between 1 and {sale.per_user_limit}")
+        check_window(sale, now_ms())  # from this process's memory of the sale: no Redis call
         if self.settings.key_mode == "token" and not (await self.token_issuer()).verify(key, user_id):
             raise ApiError(403, "TOKEN_INVALID", "the key is not a token issued to you, or it expired")
         return await self._admit(sale, user_id, key, quantity)
@@ -79,6 +82,10 @@ class PurchaseService:
                     # units back and forth; a short random pause lets one of them win.
                     await asyncio.sleep(random.uniform(0, min(0.05, 0.002 * 2 ** attempt)))
                 continue
+            if code is Code.NOT_STARTED:  # this process's clock is ahead of Redis's
+                raise not_started(reply.at_ms, now_ms())
+            if code is Code.ENDED:
+                raise ended()
             if code is Code.SHARDS_MISMATCH or code is Code.SALE_NOT_FOUND:
                 # The sale was deleted (and maybe created again) since we cached it.
                 self.sales.forget(sale.sku)

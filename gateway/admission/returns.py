@@ -17,6 +17,8 @@ from gateway.models import Order
 from gateway.store.scripts.compensate import Compensated, Result
 from gateway.store.store import Store
 
+RELEASE_REASONS = ("expired", "cancelled")
+
 
 @dataclass(slots=True)
 class Returns:

@@ -62,6 +62,11 @@ class SaleSnapshot:
         return sum(s.sold for s in self.states)
 
     @property
+    def released(self) -> int:
+        """Units given back to the sale (refused, expired, cancelled orders)."""
+        return sum(s.returned for s in self.states)
+
+    @property
     def sold_out(self) -> bool:
         return self.remaining == 0 and self.in_transfer == 0
 

@@ -279,10 +279,19 @@ class Relay:
                 log.error("relay: malformed purchase entry dropped",
                           extra={"stream": stream, "entry": entry_id, "fields": fields})
                 self.metrics.relay_delivered.labels("malformed").inc()
+        elif await self._released_before_delivery(purchase):
+            self.metrics.relay_delivered.labels("released").inc()
         else:
             verdict = await self._post_until_decided(purchase)
             await self._settle(purchase, verdict)
         await self._redis(lambda: self.streams.done(stream, entry_id), "acknowledge")
+
+    async def _released_before_delivery(self, purchase: Purchase) -> bool:
+        """An order released (by an admin) before it was delivered is never delivered:
+        its units are back in the sale. (A release that comes while its POST is in
+        flight cannot stop that POST: ``_settle`` logs it.)"""
+        order = await self._redis(lambda: self.store.get_order(purchase.order_no), "read order")
+        return order is not None and order.status == "released"
 
     async def _post_until_decided(self, purchase: Purchase) -> Verdict:
         assert self._session is not None
@@ -320,9 +329,10 @@ class Relay:
             self.metrics.relay_delivered.labels("delivered").inc()
             if order is not None:
                 await self._redis(lambda: self.store.mark_delivered(order), "mark delivered")
-                if order.status == "rejected":
-                    log.error("relay: endpoint accepted an order compensated before",
-                              extra={"order_no": purchase.order_no})
+                if order.status in ("rejected", "released"):
+                    log.error("relay: the endpoint accepted an order whose units went back "
+                              "to the sale meanwhile; cancel it there",
+                              extra={"order_no": purchase.order_no, "status": order.status})
             return
         self.metrics.relay_delivered.labels("rejected").inc()
         log.warning("relay: purchase rejected", extra={"order_no": purchase.order_no,

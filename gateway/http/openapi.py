@@ -31,6 +31,8 @@ MAX_STOCK = 10_000_000
 MAX_PRICE = 2**40
 MAX_LIMIT = 1_000
 MAX_SHARDS = 1024
+MAX_PAYMENT_TTL = 30 * 86_400
+MAX_ADMIT_RATE = 1_000_000
 _SKU = {"name": "sku", "in": "path", "required": True,
         "schema": {"type": "string", "pattern": "^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$"}}
 _USER = {"name": "X-User-Id", "in": "header", "required": True,

@@ -227,14 +227,14 @@ class Store:
         pipe = self._pipeline()
         for shard in shards:
             sk = self.keys.shard(sale.sku, shard)
-            pipe.hmget(sk.stock, "remaining", "sold", "version")
+            pipe.hmget(sk.stock, "remaining", "sold", "version", "returned")
             pipe.hgetall(sk.transfers_out)
         replies = await pipe.execute()
         states = []
         for i, shard in enumerate(shards):
-            remaining, sold, version = replies[2 * i]
+            remaining, sold, version, returned = replies[2 * i]
             states.append(ShardState(shard, int(remaining or 0), int(sold or 0), int(version or 0),
-                                     replies[2 * i + 1] or {}))
+                                     replies[2 * i + 1] or {}, int(returned or 0)))
         return states
 
     async def applied_transfers(self, sale: Sale, transfer_ids: dict[int, list[str]]) -> set[str]:

@@ -90,10 +90,10 @@ class Api:
 
 
 @contextlib.asynccontextmanager
-async def serve(settings: Settings) -> AsyncIterator[Api]:
-    """The gateway app on a free local port, and a client for it."""
+async def serve(settings: Settings, port: int | None = None) -> AsyncIterator[Api]:
+    """The gateway app on a local port (a free one unless ``port``), and a client for it."""
     app = create_app(settings)
-    async with TestClient(TestServer(app)) as client:
+    async with TestClient(TestServer(app, port=port)) as client:
         yield Api(client, app)
 
 

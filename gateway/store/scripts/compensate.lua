@@ -14,7 +14,7 @@
 
   Input:
     KEYS[1] order record         (hash: units, quantity, user_id, status, generation, ...)
-    KEYS[2] shard stock          (hash: remaining, sold, version, generation, ...)
+    KEYS[2] shard stock          (hash: remaining, sold, returned, version, generation, ...)
     KEYS[3] shard free units     (list of "lo-hi" ranges)
     KEYS[4] shard buyers         (hash: <user_id> -> units held, <user_id>:o -> order_no)
     KEYS[5] idempotency record of the purchase (may have expired)
@@ -57,6 +57,7 @@ if sameSale then
   end
   rcall("HINCRBY", KEYS[2], "remaining", returned)
   rcall("HINCRBY", KEYS[2], "sold", -returned)
+  rcall("HINCRBY", KEYS[2], "returned", returned)
   rcall("HINCRBY", KEYS[2], "version", 1)
 
   local userId = order[4]

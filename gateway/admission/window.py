@@ -1,0 +1,33 @@
+"""A sale's window: no purchase before ``starts_at``, none after ``ends_at``.
+
+Checked first from the process's memory of the sale (a crowd polling before the start
+costs no Redis call), and again by the purchase script on Redis's clock, so that a
+process whose clock or memory is off cannot admit outside the window. Nothing is
+recorded either way: a key sent too early is still good at the start.
+"""
+
+from __future__ import annotations
+
+import math
+
+from gateway.clock import to_rfc3339
+from gateway.http.errors import ApiError
+from gateway.models import Sale
+
+
+def check_window(sale: Sale, now: int) -> None:
+    if sale.starts_at and now < sale.starts_at:
+        raise not_started(sale.starts_at, now)
+    if sale.ends_at and now >= sale.ends_at:
+        raise ended()
+
+
+def not_started(starts_at: int, now: int) -> ApiError:
+    wait = max(1, math.ceil((starts_at - now) / 1000))
+    return ApiError(403, "SALE_NOT_STARTED", "the sale has not started yet",
+                    {"Retry-After": str(wait)},
+                    {"starts_at": to_rfc3339(starts_at), "server_time": to_rfc3339(now)})
+
+
+def ended() -> ApiError:
+    return ApiError(410, "SALE_ENDED", "the sale has ended")
