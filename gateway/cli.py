@@ -29,8 +29,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     settings = _settings(args)
     if args.no_relay:
         settings = settings.replace(relay=False)
-    serve_gateway(settings, args.host, args.port, args.workers)
-    return 0
+    return serve_gateway(settings, args.host, args.port, args.workers)
 
 
 def cmd_relay(args: argparse.Namespace) -> int:
