@@ -176,6 +176,26 @@ async def _two(pids: list[int]) -> list[int] | None:
     return pids if len(pids) == 2 else None
 
 
+async def test_workers_stop_when_the_supervisor_is_killed(standalone_redis, tmp_path):
+    """No orphans serving the port with nobody to restart them: a SIGKILLed supervisor's
+    workers get SIGTERM and drain."""
+    with gateway_process(standalone_redis.url, tmp_path / "gateway.log", workers=2) as gw:
+        pids = await eventually(lambda: _two(listening_pids(gw)), "both workers listen")
+        os.kill(gw.pid, signal.SIGKILL)
+        await eventually(lambda: _async(not any(map(_exists, pids))), "the workers exit", timeout=60)
+    stopped = [e["pid"] for e in events(gw) if e["event"] == "stopped"]
+    assert sorted(stopped) == sorted(pids)
+
+
+def _exists(pid: int) -> bool:
+    """The process runs (a zombie waiting for its new parent to reap it does not)."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
 # -- SIGTERM ----------------------------------------------------------------------------------
 
 @pytest.fixture

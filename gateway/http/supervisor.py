@@ -162,7 +162,7 @@ class Supervisor:
         generation = self._generations.get(slot, -1) + 1
         self._generations[slot] = generation
         info = WorkerInfo(slot, generation, self._read_restarts)
-        proc = self._ctx.Process(target=_worker_entry, args=(self.main, info),
+        proc = self._ctx.Process(target=_worker_entry, args=(self.main, info, os.getpid()),
                                  name=f"worker-{slot}", daemon=False)
         # Signals stay blocked across the fork: the child must not run the supervisor's
         # handlers before it has set its own (it resets them, then unblocks).
@@ -232,11 +232,26 @@ def _drain(fd: int) -> None:
         os.read(fd, 4096)
 
 
-def _worker_entry(main: WorkerMain, info: WorkerInfo) -> None:
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def _stop_with_supervisor(supervisor: int) -> None:
+    """SIGTERM this worker when the supervisor dies (Linux), so that a supervisor killed
+    with SIGKILL does not leave workers serving the port with nobody to restart them
+    (a new gateway would even share the port with them, SO_REUSEPORT). They drain as on
+    any SIGTERM. Elsewhere this does nothing."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() != supervisor:  # it died before the line above
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+def _worker_entry(main: WorkerMain, info: WorkerInfo, supervisor: int) -> None:
     """In the forked worker: default signal handling (the supervisor's handlers and its
     blocked mask were inherited), then the worker's own code."""
     for sig in STOP_SIGNALS:
         signal.signal(sig, signal.SIG_DFL)
+    _stop_with_supervisor(supervisor)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
     try:
         main(info)
