@@ -179,7 +179,9 @@ async def gunicorn_app() -> web.AppRunner:
     frozen once the app has started. ``seckill_worker_restarts_total`` stays 0 there:
     gunicorn keeps its own count (its log says when it restarts a worker)."""
     from gateway.app import create_app
+    from gateway.logs import setup_logging
 
+    setup_logging()  # our loggers in JSON; gunicorn's own keep their handlers
     app = create_app(load_settings())
     app.on_startup.append(_freeze_heap_when_started)
     return make_runner(app)
