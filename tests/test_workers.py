@@ -21,7 +21,7 @@ import orjson
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from devtools.processes import ChildProcess
+from devtools.processes import ChildProcess, free_port
 from devtools.redis_server import LocalRedis
 from tests.support.services import ADMIN_TOKEN, Service, gateway_process, observed_env
 
@@ -285,3 +285,30 @@ async def test_workers_that_cannot_start_make_the_supervisor_give_up(standalone_
     assert "worker exits within" in gave_up["reason"], gave_up
     failures = [e for e in log if e["event"] == "worker failed"]
     assert failures and all("address already in use" in e["error"] for e in failures)
+
+
+# -- under gunicorn, as the README shows it ----------------------------------------------------
+
+async def test_the_gateway_runs_under_gunicorn_with_its_runner(standalone_redis, tmp_path):
+    """The documented command: gunicorn's aiohttp worker runs ``gunicorn_app``'s runner
+    (parser-level errors answered in JSON) and stops with 0 on SIGTERM."""
+    port = free_port()
+    argv = [sys.executable, "-m", "gunicorn", "gateway.http.server:gunicorn_app",
+            "--worker-class", "aiohttp.GunicornUVLoopWebWorker", "--workers", "2", "--reuse-port",
+            "--bind", f"127.0.0.1:{port}", "--graceful-timeout", "30", "--no-control-socket"]
+    gw = Service("gunicorn", argv, tmp_path / "gunicorn.log", env=observed_env(standalone_redis.url),
+                 cwd=tmp_path, port=port, healthy_only=True)
+    gw.start()
+    try:
+        async with aiohttp.ClientSession() as session:
+            async with session.get(gw.url + "/api/token", headers={"X-User-Id": "7"}) as resp:
+                assert resp.status == 200 and (await resp.json())["code"] == "OK"
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET /" + b"a" * 9000 + b" HTTP/1.1\r\nHost: x\r\n\r\n")
+        raw = await asyncio.wait_for(reader.read(), 30)
+        writer.close()
+        head, _, body = raw.partition(b"\r\n\r\n")
+        assert head.split()[1] == b"400" and orjson.loads(body)["code"] == "BAD_REQUEST", raw
+        assert await asyncio.to_thread(gw.terminate) == 0, gw.log_tail()
+    finally:
+        gw.kill()

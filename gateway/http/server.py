@@ -176,8 +176,16 @@ async def gunicorn_app() -> web.AppRunner:
 
     The worker runs the runner returned here (so parser-level errors are answered in
     JSON, as with ``serve``), drains it on SIGTERM and restarts dead workers; the heap is
-    frozen once the app has started. ``seckill_worker_restarts_total`` stays 0 there:
-    gunicorn keeps its own count (its log says when it restarts a worker)."""
+    frozen once the app has started. Keep ``--reuse-port`` (a socket per worker, as
+    ``serve --workers`` has): with gunicorn's default shared socket the same two workers
+    served 3-30 % fewer requests (``python -m loadtest.bench_workers``).
+
+    What differs from ``serve --workers``: ``seckill_worker_restarts_total`` stays 0
+    (gunicorn's log says when it restarts a worker); gunicorn gives up only when a
+    worker fails while booting, so with ``--reuse-port`` a port held by another program
+    makes it restart workers forever (each retries the bind for 5 s) instead of exiting;
+    the port closes up to 1 s after SIGTERM. In exchange it offers HUP reloads and a
+    hang watchdog."""
     from gateway.app import create_app
     from gateway.logs import setup_logging
 

@@ -14,8 +14,11 @@ It exits
   app cannot be built, dies at once, again and again), or when the workers did not stop
   cleanly after SIGTERM.
 
-Why not gunicorn: see the README's "Running several processes"; the gateway can be run
-under gunicorn too (``gateway.http.server:gunicorn_app``).
+Why not gunicorn's aiohttp worker: it is as fast with ``--reuse-port`` (and slower
+without), but it gives up only on a worker that fails while booting (with
+``--reuse-port``, a port held by another program makes it restart workers forever) and
+has no restart count its workers can report; making it do both means hooking into its
+internals. The gateway still runs under gunicorn: ``gateway.http.server:gunicorn_app``.
 """
 
 from __future__ import annotations
