@@ -109,8 +109,8 @@ class Supervisor:
         # reader may see the count before or after a restart, never a torn value.
         self._restarts = RawValue(ctypes.c_long, 0)
 
-    @property
     def restarts(self) -> int:
+        """Workers started in place of dead ones so far (what every worker reports)."""
         return int(self._restarts.value)
 
     def run(self) -> int:
@@ -139,7 +139,8 @@ class Supervisor:
                 if self._stopping():
                     break  # the exit is reaped by _stop_all
                 self._replace(slot)
-        log.info("stopping the workers", extra={"signal": signal.Signals(self._stop_signal or signal.SIGTERM).name})
+        stop_signal = signal.Signals(self._stop_signal or signal.SIGTERM)
+        log.info("stopping the workers", extra={"signal": stop_signal.name})
 
     def _stopping(self) -> bool:
         return self._stop_signal is not None
@@ -147,7 +148,7 @@ class Supervisor:
     def _replace(self, slot: int) -> None:
         proc = self._procs.pop(slot)
         proc.join()
-        died = WorkerExit(slot, proc.pid or 0, proc.exitcode if proc.exitcode is not None else -1)
+        died = WorkerExit(slot, proc.pid or 0, proc.exitcode or 0)  # joined: exitcode is set
         now = time.monotonic()
         self._deaths.append(now)
         while self._deaths and self._deaths[0] < now - self.crash_loop.window:
@@ -158,13 +159,13 @@ class Supervisor:
         self._restarts.value += 1
         log.warning("worker died, starting another",
                     extra={"worker": slot, "pid": died.pid, "exit": died.describe(),
-                           "restarts": self.restarts})
+                           "restarts": self.restarts()})
         self._spawn(slot)
 
     def _spawn(self, slot: int) -> None:
         generation = self._generations.get(slot, -1) + 1
         self._generations[slot] = generation
-        info = WorkerInfo(slot, generation, self._read_restarts)
+        info = WorkerInfo(slot, generation, self.restarts)
         proc = self._ctx.Process(target=_worker_entry, args=(self.main, info, os.getpid()),
                                  name=f"worker-{slot}", daemon=False)
         # Signals stay blocked across the fork: the child must not run the supervisor's
@@ -176,9 +177,6 @@ class Supervisor:
             signal.pthread_sigmask(signal.SIG_SETMASK, old)
         self._procs[slot] = proc
         log.info("worker started", extra={"worker": slot, "pid": proc.pid, "generation": generation})
-
-    def _read_restarts(self) -> int:
-        return int(self._restarts.value)
 
     # -- stopping ---------------------------------------------------------------------------
 
@@ -204,7 +202,7 @@ class Supervisor:
                     "exit": WorkerExit(slot, proc.pid or 0, proc.exitcode or 0).describe()})
                 clean = False
         self._procs.clear()
-        log.info("workers stopped", extra={"clean": clean, "restarts": self.restarts})
+        log.info("workers stopped", extra={"clean": clean, "restarts": self.restarts()})
         return clean
 
     @contextlib.contextmanager
