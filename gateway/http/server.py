@@ -178,7 +178,7 @@ async def gunicorn_app() -> web.AppRunner:
     JSON, as with ``serve``), drains it on SIGTERM and restarts dead workers; the heap is
     frozen once the app has started. Keep ``--reuse-port`` (a socket per worker, as
     ``serve --workers`` has): with gunicorn's default shared socket the same two workers
-    served 3-30 % fewer requests (``python -m loadtest.bench_workers``).
+    served 12-14 % fewer requests (medians of five runs of ``loadtest.bench_workers``).
 
     What differs from ``serve --workers``: ``seckill_worker_restarts_total`` stays 0
     (gunicorn's log says when it restarts a worker); gunicorn gives up only when a
