@@ -29,13 +29,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     settings = _settings(args)
     if args.no_relay:
         settings = settings.replace(relay=False)
-    serve_gateway(settings, args.host, args.port, args.workers)
-    return 0
+    return serve_gateway(settings, args.host, args.port, args.workers)
 
 
 def cmd_relay(args: argparse.Namespace) -> int:
     from gateway.delivery.relay import RelayConfig
-    from gateway.delivery.runner import run_relay
+    from gateway.delivery.runner import MetricsAddress, run_relay
 
     settings = _settings(args)
     if not settings.upstream_url:
@@ -43,7 +42,7 @@ def cmd_relay(args: argparse.Namespace) -> int:
         return 2
     config = RelayConfig.from_settings(settings, consumer=args.consumer,
                                        concurrency=args.concurrency)
-    uvloop.run(run_relay(settings, config))
+    uvloop.run(run_relay(settings, config, MetricsAddress(args.metrics_host, args.metrics_port)))
     return 0
 
 
@@ -140,6 +139,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="consumer name; a restart under the same name re-reads its own "
                             "pending entries at once (default: the host name)")
     relay.add_argument("--concurrency", type=int, default=64, help="deliveries in flight")
+    relay.add_argument("--metrics-host", default="127.0.0.1", help="where /metrics and /healthz listen")
+    relay.add_argument("--metrics-port", type=int, default=9108,
+                       help="port of /metrics and /healthz (default: 9108; 0: none)")
     relay.add_argument("--config", help="TOML file with settings")
     relay.set_defaults(func=cmd_relay)
     return parser

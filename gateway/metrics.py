@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.registry import Collector
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 
@@ -40,6 +43,31 @@ class Metrics:
         self.worker.labels(str(os.getpid())).set(1)
         self.units_remaining = Gauge("seckill_units_remaining", "units left per sale", ("sku",),
                                      registry=r)
+        self.worker_restarts = WorkerRestarts()
+        r.register(self.worker_restarts)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class WorkerRestarts(Collector):
+    """``seckill_worker_restarts_total``: workers the ``serve --workers`` supervisor has
+    started in place of dead ones since it started. The supervisor keeps the count (in
+    memory it shares with its workers) and sets ``read``; each worker reports it as
+    read at scrape time, so every worker shows the same value. 0 in a gateway without
+    the supervisor (one process, or gunicorn's workers)."""
+
+    NAME = "seckill_worker_restarts"
+
+    def __init__(self) -> None:
+        self.read: Callable[[], int] = lambda: 0
+
+    def describe(self) -> Iterator[CounterMetricFamily]:
+        yield CounterMetricFamily(self.NAME, self._help())
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        yield CounterMetricFamily(self.NAME, self._help(), value=self.read())
+
+    @staticmethod
+    def _help() -> str:
+        return "worker processes started again after one died (the supervisor's count)"

@@ -248,7 +248,7 @@ async def test_relay_killed_mid_delivery_and_restarted(standalone: Backend, tmp_
             await api.create_sale(sku, n, shards=4)
             admitted = await admit(gw, sku, range(n))
             relay_env = {**env, "SECKILL_UPSTREAM_URL": up.url}
-            relay = ["relay", "--consumer", "relay-1", "--concurrency", "16"]
+            relay = ["relay", "--consumer", "relay-1", "--concurrency", "16", "--metrics-port", "0"]
             with _process(relay, relay_env, tmp_path / "relay-1.log") as first:
                 await eventually(lambda: _true(up.held >= 8), "deliveries are held in flight")
                 first.kill()
