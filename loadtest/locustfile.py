@@ -350,7 +350,7 @@ class SaleSpec:
     """A sale a scenario buys from, and whether this gateway can hold it."""
 
     role: str  # main, early, abandon
-    scenario: str  # the scenario that owns it (for the record and the log)
+    scenario: str  # the scenario that owns it ("main": the five classic ones), for the record and the log
     sku: str
     stock: int
     limit: int = 1
@@ -383,7 +383,7 @@ class SaleSpec:
 
 
 def main_sale() -> SaleSpec:
-    return SaleSpec("main", "FlashCrowd", CONFIG.sku, CONFIG.stock, CONFIG.limit, CONFIG.shards, CONFIG.price)
+    return SaleSpec("main", "main", CONFIG.sku, CONFIG.stock, CONFIG.limit, CONFIG.shards, CONFIG.price)
 
 
 def lifecycle_sales(now_s: float) -> dict[str, SaleSpec]:
