@@ -901,7 +901,12 @@ class EarlyCrowd(Idler):
             if starts is None:
                 return f"403 SALE_NOT_STARTED without starts_at: {json.dumps(body)[:160]}"
             sale.starts_at_ms = sale.starts_at_ms or starts
-            if now_ms > starts + START_SLACK_MS:
+            # By the gateway's own clock when it says (a request that queued past the
+            # start was still answered before it); else by ours, with some slack.
+            server_ms = records.epoch_ms(body.get("server_time"))
+            if server_ms is not None and server_ms >= starts:
+                return f"403 SALE_NOT_STARTED at server_time {server_ms}, not before starts_at {starts}"
+            if server_ms is None and now_ms > starts + START_SLACK_MS:
                 return f"403 SALE_NOT_STARTED {(now_ms - starts) / 1000:.1f} s after starts_at"
         if status == 200 and sale.starts_at_ms and now_ms < sale.starts_at_ms - START_SLACK_MS:
             return f"200 OK {(sale.starts_at_ms - now_ms) / 1000:.1f} s before starts_at"
