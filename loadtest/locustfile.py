@@ -37,7 +37,8 @@ User classes (pick some by name on the command line; default: all, by weight):
     and ``starts_at``; then 200 OK, 409 ALREADY_PURCHASED or 410 SOLD_OUT. A 200 before
     ``starts_at`` or a SALE_NOT_STARTED well after it is a failure. After its 200, a buyer
     sends the same key to the main sale (invariant 8: a key admits one purchase across
-    all sales): 422 IDEMPOTENCY_KEY_REUSED, 410 SOLD_OUT or 409 ALREADY_PURCHASED.
+    all sales, whatever their shard counts: ``--lt-early-shards`` sets another one):
+    422 IDEMPOTENCY_KEY_REUSED, 410 SOLD_OUT or 409 ALREADY_PURCHASED.
 ``Abandoners`` (``--lt-abandon-users`` Locust users)
     Its own sale (``--lt-abandon-sku``), created with ``payment_ttl`` ``--lt-abandon-ttl``.
     New buyers buy again and again (units come back, so a 200 after SOLD_OUT is fine);
@@ -92,6 +93,7 @@ Options (command line, or the environment variable in brackets, or the default):
 --lt-key-mode          [SECKILL_LT_KEY_MODE]        ``token`` (GET /api/token) or ``client`` (own keys)
 --lt-early-sku         [SECKILL_LT_EARLY_SKU]       EarlyCrowd's sale (<sku>-early)
 --lt-early-stock       [SECKILL_LT_EARLY_STOCK]     its stock (500)
+--lt-early-shards      [SECKILL_LT_EARLY_SHARDS]    its shard count (0: the main sale's)
 --lt-early-users       [SECKILL_LT_EARLY_USERS]     EarlyCrowd Locust users (10)
 --lt-early-buyers      [SECKILL_LT_EARLY_BUYERS]    buyers per EarlyCrowd user (200)
 --lt-early-lead        [SECKILL_LT_EARLY_LEAD]      seconds from the test's start to starts_at (8)
@@ -177,6 +179,7 @@ class Config:
     key_mode: str = "token"
     early_sku: str = ""
     early_stock: int = 500
+    early_shards: int = 0  # 0: as the main sale
     early_users: int = 10
     early_buyers: int = 200
     early_lead: float = 8.0
@@ -215,6 +218,8 @@ _OPTIONS = [  # (option, env var, type, help)
     ("key_mode", "SECKILL_LT_KEY_MODE", str, "token (GET /api/token) or client (own keys)"),
     ("early_sku", "SECKILL_LT_EARLY_SKU", str, "EarlyCrowd: its sale (default <sku>-early)"),
     ("early_stock", "SECKILL_LT_EARLY_STOCK", int, "EarlyCrowd: its sale's stock"),
+    ("early_shards", "SECKILL_LT_EARLY_SHARDS", int,
+     "EarlyCrowd: its sale's shard count (0: the main sale's; another probes keys across shard counts)"),
     ("early_users", "SECKILL_LT_EARLY_USERS", int, "EarlyCrowd: Locust users"),
     ("early_buyers", "SECKILL_LT_EARLY_BUYERS", int, "EarlyCrowd: buyers per Locust user"),
     ("early_lead", "SECKILL_LT_EARLY_LEAD", float, "EarlyCrowd: seconds from the test's start to starts_at"),
@@ -387,7 +392,8 @@ def main_sale() -> SaleSpec:
 
 
 def lifecycle_sales(now_s: float) -> dict[str, SaleSpec]:
-    early = SaleSpec("early", "EarlyCrowd", CONFIG.early_sku, CONFIG.early_stock, 1, CONFIG.shards, CONFIG.price,
+    early = SaleSpec("early", "EarlyCrowd", CONFIG.early_sku, CONFIG.early_stock, 1,
+                     CONFIG.early_shards or CONFIG.shards, CONFIG.price,
                      starts_at_ms=lifecycle.starts_at_ms(now_s, CONFIG.early_lead))
     abandon = SaleSpec("abandon", "Abandoners", CONFIG.abandon_sku, CONFIG.abandon_stock, 1, CONFIG.shards,
                        CONFIG.price, payment_ttl=CONFIG.abandon_ttl)
