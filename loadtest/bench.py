@@ -114,14 +114,14 @@ def serve_gateway(port: int, batch: bool) -> None:
     from gateway.http.context import GATEWAY
     from gateway.http.server import serve_app
     from gateway.logs import setup_logging
-    from gateway.store.connection import make_batcher
+    from gateway.store.transport import make_batcher
 
     setup_logging("WARNING")
     settings = load_settings()
     app = create_app(settings)
     store = app[GATEWAY].store
     if batch and store.batcher is None:
-        batcher = make_batcher(store.client, settings, app[GATEWAY].metrics.batch_size.observe)
+        batcher = make_batcher(store.client, settings, on_batch=app[GATEWAY].metrics.batch_size.observe)
         store.batcher = batcher
 
         async def close_batcher(_app: Any) -> None:

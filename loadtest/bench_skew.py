@@ -4,7 +4,7 @@
     python -m loadtest.bench_skew --json           # the same, one JSON document on stdout
     python -m loadtest.bench_skew --stock 2000 --requests 4000 --concurrency 128 --reps 5
 
-One run starts a throw-away Redis Cluster (``gateway.devcluster.LocalCluster``, 3
+One run starts a throw-away Redis Cluster (``devtools.redis_cluster.LocalCluster``, 3
 primaries, no replicas unless ``--replicas``) and the gateway as a subprocess
 (``python -m gateway serve --no-relay``, configured by ``SECKILL_*`` variables, client
 key mode), like a deployment would. Then, ``--reps`` times, with the order of the two
@@ -32,9 +32,7 @@ import json
 import os
 import re
 import secrets
-import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -44,7 +42,7 @@ from typing import Any
 
 from aiohttp import ClientSession, ClientTimeout, TCPConnector
 
-from devtools.processes import free_port
+from devtools.processes import ChildProcess, free_port, http_answers
 from devtools.redis_cluster import LocalCluster
 
 SHARDS = 16
@@ -89,53 +87,35 @@ class RunResult:
 
 
 class Gateway:
-    """The gateway as a subprocess on a free port."""
+    """The gateway as a child process on a free port (``devtools.processes``: its own
+    session, so its workers stop with it; always stopped, also at interpreter exit)."""
 
     def __init__(self, redis_url: str, redis_mode: str, workers: int, log_dir: Path) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.admin_token = secrets.token_hex(16)
         self.prefix = f"bench{secrets.token_hex(4)}"
-        self.log_path = log_dir / "gateway.log"
         env = {**os.environ,
                "SECKILL_REDIS_URL": redis_url, "SECKILL_REDIS_MODE": redis_mode,
                "SECKILL_KEY_MODE": "client", "SECKILL_ADMIN_TOKEN": self.admin_token,
                "SECKILL_KEY_PREFIX": self.prefix, "SECKILL_SHARDS": str(SHARDS)}
         env.pop("SECKILL_UPSTREAM_URL", None)
-        self._log = open(self.log_path, "wb")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "gateway", "serve", "--host", "127.0.0.1",
-             "--port", str(self.port), "--workers", str(workers), "--no-relay"],
-            env=env, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.child = ChildProcess(
+            "gateway", [sys.executable, "-m", "gateway", "serve", "--host", "127.0.0.1",
+                        "--port", str(self.port), "--workers", str(workers), "--no-relay"],
+            log_dir / "gateway.log", env=env)
 
     @property
     def admin(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.admin_token}"}
 
-    async def wait_ready(self, session: ClientSession, timeout: float = 30.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                break
-            try:
-                async with session.get(f"{self.url}/healthz") as resp:
-                    if resp.status == 200:
-                        return
-            except OSError:
-                pass
-            await asyncio.sleep(0.1)
-        raise RuntimeError(f"the gateway did not start; see {self.log_path}:\n"
-                           + self.log_path.read_text(errors="replace")[-2000:])
+    def start(self, timeout: float = 30.0) -> None:
+        """Start it and wait for ``/healthz`` to answer 200 (NotReady, with the log's
+        tail, if it exits or does not come up)."""
+        self.child.start(http_answers(f"{self.url}/healthz", ok_only=True), timeout)
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)   # its own session: the gateway and its workers
-            try:
-                self.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
-        self._log.close()
+        self.child.stop()
 
 
 async def moves_metric(session: ClientSession, gw: Gateway) -> float:
@@ -249,7 +229,6 @@ def print_table(summary: dict[str, dict[str, Any]], config: dict[str, Any]) -> N
 async def bench(args: argparse.Namespace, cluster: LocalCluster, gw: Gateway) -> list[RunResult]:
     connector = TCPConnector(limit=args.concurrency + 8)
     async with ClientSession(connector=connector, timeout=ClientTimeout(total=30)) as session:
-        await gw.wait_ready(session)
         offset = 1
         # Warm-up: connections, the Lua scripts on every primary, the gateway's caches.
         await one_run(session, cluster, gw, "even", 0, args.warmup, args.warmup,
@@ -288,6 +267,7 @@ def main(argv: list[str] | None = None) -> int:
     with LocalCluster(primaries=args.primaries, replicas_per_primary=args.replicas) as cluster:
         gw = Gateway(cluster.url, "cluster", args.workers, log_dir)
         try:
+            gw.start()
             results = asyncio.run(bench(args, cluster, gw))
         finally:
             gw.stop()

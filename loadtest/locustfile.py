@@ -1,7 +1,7 @@
 """Locust scenarios for the flash-sale gateway, each checking every answer against the contract.
 
     locust -f loadtest/locustfile.py --host http://127.0.0.1:8080 --headless -u 200 -r 100 -t 30s \\
-        [FlashCrowd RetryStorm GreedyUser SkewedCrowd LateCrowd]
+        [FlashCrowd RetryStorm GreedyUser SkewedCrowd LateCrowd EarlyCrowd Abandoners]
 
 (or ``python -m loadtest.run``, which also starts a local stack and runs the verifier).
 
@@ -30,26 +30,49 @@ User classes (pick some by name on the command line; default: all, by weight):
     token: ``--lt-late-delay`` seconds), then buys. Allowed: 410 SOLD_OUT, 409
     ALREADY_PURCHASED; a 200 after the sale was seen sold out is a failure (it can only be
     legitimate if a delivery was rejected and its units returned).
+``EarlyCrowd`` (``--lt-early-users`` Locust users, each ``--lt-early-buyers`` buyers)
+    Its own sale (``--lt-early-sku``), created with ``starts_at`` ``--lt-early-lead``
+    seconds after the test starts. Every buyer takes a token and buys before the start:
+    403 SALE_NOT_STARTED, with ``Retry-After`` (honoured: the buyer asks again when told)
+    and ``starts_at``; then 200 OK, 409 ALREADY_PURCHASED or 410 SOLD_OUT. A 200 before
+    ``starts_at`` or a SALE_NOT_STARTED well after it is a failure. After its 200, a buyer
+    sends the same key to the main sale (invariant 8: a key admits one purchase across
+    all sales, whatever their shard counts: ``--lt-early-shards`` sets another one):
+    422 IDEMPOTENCY_KEY_REUSED, 410 SOLD_OUT or 409 ALREADY_PURCHASED.
+``Abandoners`` (``--lt-abandon-users`` Locust users)
+    Its own sale (``--lt-abandon-sku``), created with ``payment_ttl`` ``--lt-abandon-ttl``.
+    New buyers buy again and again (units come back, so a 200 after SOLD_OUT is fine);
+    after a 200 each waits for the order at the orders service and then, by
+    ``--lt-abandon-mix``: pays at once (signed ``POST /payments/notify``: 200, state
+    ``paid``), never pays (the service expires the order and releases its units at the
+    gateway, and other buyers get them), pays late (after the deadline: 409
+    ORDER_CLOSED, and the payment is listed by ``GET /refunds``) or cancels
+    (``POST /orders/{no}/cancel``: 200).
+
+Both lifecycle scenarios skip themselves, with one clear log line, when the gateway
+answers 400 to ``starts_at`` / ``payment_ttl`` (a gateway without sale windows or payment
+deadlines), and Abandoners when the orders service's URL, token or payment secret is
+not given; their sales are then noted as ``unsupported`` in the record file.
 
 Everywhere, 503 UNAVAILABLE and 429 RATE_LIMITED are allowed when they carry ``Retry-After``
 (the contract's overload answers; they are counted in the outcome table); any other
 status/code pair, a body that is not JSON with a ``code``, any 5xx other than 503, and a
 connection error are failures. A 200 must name the SKU, the user, an order number and
 exactly ``quantity`` distinct units in 1..stock; a unit seen in two orders (within one
-Locust process) is a failure.
+Locust process) is a failure, except on a sale with a payment deadline (units come back).
 
-Every 200 OK is appended to the record file as one JSON line (``order_no``, ``units``,
-``user_id``, ``key``, ``sku``, ``status``, ``replayed``, ``scenario``, ``ts``), with one
-``O_APPEND`` ``write()`` per line so that several worker processes can share the file;
-the 200 original carried in a 409 IDEMPOTENT_CONFLICT body is recorded too (``status``
-409). ``python -m loadtest.verify`` reads it. The file is emptied when the (master or
-local) runner starts, unless ``--lt-keep-record``.
+The record file (``loadtest.records``; ``python -m loadtest.verify`` and
+``loadtest.timeline`` read it) gets one JSON line per 200 OK (and per 200 original in a
+409 conflict), per payment and cancel sent to the orders service, and per sale set up,
+written with one ``O_APPEND`` ``write()`` per line so that several worker processes can
+share it. It is emptied when the (master or local) runner starts, unless
+``--lt-keep-record``.
 
-At ``test_start`` the (master or local) runner creates the sale through
-``PUT /admin/sales/{sku}`` if ``GET`` does not find it; if it exists, its stock, limit
-and shard count are used instead of the options. At the end an outcome table
-(scenario, status, code, count; summed over workers) is logged and written to
-``outcomes.json`` beside the record file.
+At ``test_start`` the (master or local) runner creates the main sale through
+``PUT /admin/sales/{sku}`` if ``GET`` does not find it (if it exists, its stock, limit
+and shard count are used instead of the options), and the lifecycle scenarios' sales.
+At the end an outcome table (scenario, SKU, status, code, count; summed over workers) is
+logged and written to ``outcomes.json`` beside the record file.
 
 Options (command line, or the environment variable in brackets, or the default):
 
@@ -68,9 +91,24 @@ Options (command line, or the environment variable in brackets, or the default):
 --lt-late-delay        [SECKILL_LT_LATE_DELAY]      LateCrowd wait without admin token, s (10)
 --lt-wait              [SECKILL_LT_WAIT]            think time, uniform 0..this, s (0.05)
 --lt-key-mode          [SECKILL_LT_KEY_MODE]        ``token`` (GET /api/token) or ``client`` (own keys)
+--lt-early-sku         [SECKILL_LT_EARLY_SKU]       EarlyCrowd's sale (<sku>-early)
+--lt-early-stock       [SECKILL_LT_EARLY_STOCK]     its stock (500)
+--lt-early-shards      [SECKILL_LT_EARLY_SHARDS]    its shard count (0: the main sale's)
+--lt-early-users       [SECKILL_LT_EARLY_USERS]     EarlyCrowd Locust users (10)
+--lt-early-buyers      [SECKILL_LT_EARLY_BUYERS]    buyers per EarlyCrowd user (200)
+--lt-early-lead        [SECKILL_LT_EARLY_LEAD]      seconds from the test's start to starts_at (8)
+--lt-abandon-sku       [SECKILL_LT_ABANDON_SKU]     Abandoners' sale (<sku>-abandon)
+--lt-abandon-stock     [SECKILL_LT_ABANDON_STOCK]   its stock (200)
+--lt-abandon-users     [SECKILL_LT_ABANDON_USERS]   Abandoners Locust users (10)
+--lt-abandon-ttl       [SECKILL_LT_ABANDON_TTL]     its payment_ttl, seconds (5)
+--lt-abandon-mix       [SECKILL_LT_ABANDON_MIX]     pay=5,abandon=3,late=1,cancel=1
+--lt-abandon-wait      [SECKILL_LT_ABANDON_WAIT]    Abandoners' think time, s (0.3)
+--lt-orders-url        [SECKILL_LT_ORDERS_URL]      the orders service (Abandoners)
 --lt-record            [SECKILL_LT_RECORD]          record file (loadtest/reports/admitted.jsonl)
 --lt-keep-record       [SECKILL_LT_KEEP_RECORD]     append to the record file instead of emptying it
---lt-admin-token       [SECKILL_ADMIN_TOKEN]        bearer token for /admin/* (create the sale, LateCrowd)
+--lt-admin-token       [SECKILL_ADMIN_TOKEN]        bearer token for /admin/* (create the sales, LateCrowd)
+--lt-orders-token      [SECKILL_ORDERS_TOKEN]       bearer token of the orders service (Abandoners)
+--lt-payment-secret    [SECKILL_PAYMENT_SECRET]     payment notices' signing secret (Abandoners)
 --lt-jwt-secret        [SECKILL_LT_JWT_SECRET]      if set, authenticate with HS256 bearer tokens
                                                     (gateway in SECKILL_AUTH=jwt) instead of X-User-Id
 """
@@ -96,15 +134,27 @@ from locust import FastHttpUser, events, task
 from locust.env import Environment
 from locust.runners import MasterRunner, WorkerRunner
 
+try:
+    from loadtest import lifecycle, records
+except ImportError:  # run as ``locust -f loadtest/locustfile.py`` from outside the checkout's root
+    import lifecycle  # type: ignore[no-redef]
+    import records  # type: ignore[no-redef]
+
 log = logging.getLogger("loadtest")
 
 DEFAULT_RECORD = Path(__file__).resolve().parent / "reports" / "admitted.jsonl"
 MAX_CONCURRENCY = 32
+MAX_POLLS = 200  # an EarlyCrowd buyer gives up after this many answers that say "not yet"
+START_SLACK_MS = 1500  # clock skew and Retry-After rounding tolerated around starts_at
+DELIVERY_TIMEOUT = 30.0  # seconds an Abandoner waits for its order at the orders service
+EXPIRY_TIMEOUT = 15.0  # seconds past pay_by until the order must read expired
 
 OK = (200, "OK")
 SOLD_OUT = (410, "SOLD_OUT")
 ALREADY = (409, "ALREADY_PURCHASED")
 CONFLICT = (409, "IDEMPOTENT_CONFLICT")
+NOT_STARTED = (403, "SALE_NOT_STARTED")
+KEY_REUSED = (422, "IDEMPOTENCY_KEY_REUSED")
 UNAVAILABLE = (503, "UNAVAILABLE")
 RATE_LIMITED = (429, "RATE_LIMITED")
 OVERLOAD = {UNAVAILABLE, RATE_LIMITED}
@@ -127,9 +177,24 @@ class Config:
     late_delay: float = 10.0
     wait: float = 0.05
     key_mode: str = "token"
+    early_sku: str = ""
+    early_stock: int = 500
+    early_shards: int = 0  # 0: as the main sale
+    early_users: int = 10
+    early_buyers: int = 200
+    early_lead: float = 8.0
+    abandon_sku: str = ""
+    abandon_stock: int = 200
+    abandon_users: int = 10
+    abandon_ttl: int = 5
+    abandon_mix: str = "pay=5,abandon=3,late=1,cancel=1"
+    abandon_wait: float = 0.3
+    orders_url: str = ""
     record: str = str(DEFAULT_RECORD)
     keep_record: bool = False
     admin_token: str = ""
+    orders_token: str = ""
+    payment_secret: str = ""
     jwt_secret: str = ""
 
 
@@ -151,7 +216,27 @@ _OPTIONS = [  # (option, env var, type, help)
     ("late_delay", "SECKILL_LT_LATE_DELAY", float, "LateCrowd: wait without an admin token, seconds"),
     ("wait", "SECKILL_LT_WAIT", float, "think time between iterations, uniform 0..this, seconds"),
     ("key_mode", "SECKILL_LT_KEY_MODE", str, "token (GET /api/token) or client (own keys)"),
-    ("record", "SECKILL_LT_RECORD", str, "record file of the 200s"),
+    ("early_sku", "SECKILL_LT_EARLY_SKU", str, "EarlyCrowd: its sale (default <sku>-early)"),
+    ("early_stock", "SECKILL_LT_EARLY_STOCK", int, "EarlyCrowd: its sale's stock"),
+    ("early_shards", "SECKILL_LT_EARLY_SHARDS", int,
+     "EarlyCrowd: its sale's shard count (0: the main sale's; another probes keys across shard counts)"),
+    ("early_users", "SECKILL_LT_EARLY_USERS", int, "EarlyCrowd: Locust users"),
+    ("early_buyers", "SECKILL_LT_EARLY_BUYERS", int, "EarlyCrowd: buyers per Locust user"),
+    ("early_lead", "SECKILL_LT_EARLY_LEAD", float, "EarlyCrowd: seconds from the test's start to starts_at"),
+    ("abandon_sku", "SECKILL_LT_ABANDON_SKU", str, "Abandoners: its sale (default <sku>-abandon)"),
+    ("abandon_stock", "SECKILL_LT_ABANDON_STOCK", int, "Abandoners: its sale's stock"),
+    ("abandon_users", "SECKILL_LT_ABANDON_USERS", int, "Abandoners: Locust users"),
+    ("abandon_ttl", "SECKILL_LT_ABANDON_TTL", int, "Abandoners: the sale's payment_ttl, seconds"),
+    ("abandon_mix", "SECKILL_LT_ABANDON_MIX", str, "Abandoners: weights of pay, abandon, late, cancel"),
+    ("abandon_wait", "SECKILL_LT_ABANDON_WAIT", float, "Abandoners: think time, uniform 0..this, seconds"),
+    ("orders_url", "SECKILL_LT_ORDERS_URL", str, "Abandoners: the orders service's URL"),
+    ("record", "SECKILL_LT_RECORD", str, "record file of the run"),
+]
+_SECRETS = [  # (option, env var, help): not shown in the web UI
+    ("admin_token", "SECKILL_ADMIN_TOKEN", "bearer token for /admin/*"),
+    ("orders_token", "SECKILL_ORDERS_TOKEN", "bearer token of the orders service"),
+    ("payment_secret", "SECKILL_PAYMENT_SECRET", "secret payment notices are signed with"),
+    ("jwt_secret", "SECKILL_LT_JWT_SECRET", "authenticate with HS256 JWTs signed with this"),
 ]
 
 
@@ -163,10 +248,9 @@ def _add_arguments(parser: Any) -> None:
                            default=getattr(CONFIG, name), help=f"{help_text} [{env}]")
     group.add_argument("--lt-keep-record", dest="lt_keep_record", action="store_true",
                        env_var="SECKILL_LT_KEEP_RECORD", help="append to the record file instead of emptying it")
-    parser.add_argument("--lt-admin-token", dest="lt_admin_token", env_var="SECKILL_ADMIN_TOKEN", default="",
-                       is_secret=True, help="bearer token for /admin/* [SECKILL_ADMIN_TOKEN]")
-    parser.add_argument("--lt-jwt-secret", dest="lt_jwt_secret", env_var="SECKILL_LT_JWT_SECRET", default="",
-                       is_secret=True, help="authenticate with HS256 JWTs signed with this [SECKILL_LT_JWT_SECRET]")
+    for name, env, help_text in _SECRETS:
+        parser.add_argument(f"--lt-{name.replace('_', '-')}", dest=f"lt_{name}", env_var=env, default="",
+                            is_secret=True, help=f"{help_text} [{env}]")
 
 
 def _configure(options: Any) -> None:
@@ -175,19 +259,27 @@ def _configure(options: Any) -> None:
         if value is not None:
             setattr(CONFIG, name, kind(value))
     CONFIG.keep_record = bool(getattr(options, "lt_keep_record", False))
-    CONFIG.admin_token = getattr(options, "lt_admin_token", "") or ""
-    CONFIG.jwt_secret = getattr(options, "lt_jwt_secret", "") or ""
+    for name, _env, _help in _SECRETS:
+        setattr(CONFIG, name, getattr(options, f"lt_{name}", "") or "")
     CONFIG.concurrency = max(1, min(CONFIG.concurrency, MAX_CONCURRENCY))
+    CONFIG.early_sku = CONFIG.early_sku or f"{CONFIG.sku}-early"
+    CONFIG.abandon_sku = CONFIG.abandon_sku or f"{CONFIG.sku}-abandon"
     if CONFIG.key_mode not in ("token", "client"):
         raise SystemExit("--lt-key-mode must be token or client")
     if CONFIG.user_max <= CONFIG.user_min:
         raise SystemExit("--lt-user-max must be above --lt-user-min")
+    try:
+        lifecycle.Mix.parse(CONFIG.abandon_mix)
+    except ValueError as exc:
+        raise SystemExit(f"--lt-abandon-mix: {exc}") from None
+    EarlyCrowd.fixed_count = max(0, CONFIG.early_users)
+    Abandoners.fixed_count = max(0, CONFIG.abandon_users)
 
 
 # -- the record file and the outcome table -------------------------------------------------
 
 class Recorder:
-    """Appends one JSON line per admitted purchase. One ``os.write`` of a whole line on an
+    """Appends record lines (``loadtest.records``). One ``os.write`` of a whole line on an
     ``O_APPEND`` descriptor: lines from several processes never interleave."""
 
     def __init__(self) -> None:
@@ -201,7 +293,7 @@ class Recorder:
             pass
 
     def write(self, entry: dict) -> None:
-        line = (json.dumps(entry, separators=(",", ":")) + "\n").encode()
+        line = records.line(entry)
         with self._lock:
             if self._fd is None or self._pid != os.getpid():
                 Path(CONFIG.record).parent.mkdir(parents=True, exist_ok=True)
@@ -211,9 +303,9 @@ class Recorder:
 
 
 RECORDER = Recorder()
-OUTCOMES: Counter = Counter()  # (scenario, status, code) -> n; a worker's since its last report
+OUTCOMES: Counter = Counter()  # (scenario, sku, status, code) -> n; a worker's since its last report
 TOTALS: Counter = Counter()  # the master's sum of its workers' reports
-UNITS_SEEN: dict[int, str] = {}  # unit -> order_no, this process's 200s
+UNITS_SEEN: dict[tuple[str, int], str] = {}  # (sku, unit) -> order_no, this process's 200s
 
 
 @events.report_to_master.add_listener
@@ -224,8 +316,8 @@ def _report(client_id: str, data: dict) -> None:
 
 @events.worker_report.add_listener
 def _collect(client_id: str, data: dict) -> None:
-    for scenario, status, code, n in data.get("lt_outcomes", ()):
-        TOTALS[(scenario, status, code)] += n
+    for scenario, sku, status, code, n in data.get("lt_outcomes", ()):
+        TOTALS[(scenario, sku, status, code)] += n
 
 
 @events.init.add_listener
@@ -242,20 +334,80 @@ def _quitting(environment: Environment, **_kw: Any) -> None:
         return
     totals = TOTALS if isinstance(environment.runner, MasterRunner) else OUTCOMES
     rows = sorted(totals.items())
-    width = max((len(s) for (s, _, _), _ in rows), default=8)
-    lines = [f"{'scenario':<{width}}  status  {'code':<22} {'count':>8}"]
-    lines += [f"{s:<{width}}  {st:>6}  {c:<22} {n:>8}" for (s, st, c), n in rows]
+    width = max((len(s) for (s, _, _, _), _ in rows), default=8)
+    sku_width = max((len(k) for (_, k, _, _), _ in rows), default=4)
+    lines = [f"{'scenario':<{width}}  {'sku':<{sku_width}}  status  {'code':<24} {'count':>8}"]
+    lines += [f"{s:<{width}}  {k:<{sku_width}}  {st:>6}  {c:<24} {n:>8}" for (s, k, st, c), n in rows]
     log.info("outcomes of POST /api/seckill:\n%s", "\n".join(lines))
     path = Path(CONFIG.record).parent / "outcomes.json"
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps([{"scenario": s, "status": st, "code": c, "count": n}
-                                    for (s, st, c), n in rows], indent=1))
+        path.write_text(json.dumps([{"scenario": s, "sku": k, "status": st, "code": c, "count": n}
+                                    for (s, k, st, c), n in rows], indent=1))
     except OSError as exc:
         log.warning("cannot write %s: %s", path, exc)
 
 
-# -- the sale --------------------------------------------------------------------------------
+# -- the sales -------------------------------------------------------------------------------
+
+@dataclass
+class SaleSpec:
+    """A sale a scenario buys from, and whether this gateway can hold it."""
+
+    role: str  # main, early, abandon
+    scenario: str  # the scenario that owns it ("main": the five classic ones), for the record and the log
+    sku: str
+    stock: int
+    limit: int = 1
+    shards: int = 16
+    price: int = 100
+    starts_at_ms: int | None = None
+    payment_ttl: int | None = None
+    active: bool = True
+    skip_reason: str = ""
+
+    def skip(self, reason: str) -> None:
+        self.active = False
+        self.skip_reason = reason
+        log.warning("%s skipped: %s", self.scenario, reason)
+
+    def body(self) -> dict[str, Any]:
+        body: dict[str, Any] = {"stock": self.stock, "per_user_limit": self.limit, "shards": self.shards,
+                                "price": self.price}
+        if self.starts_at_ms is not None:
+            body["starts_at"] = records.rfc3339(self.starts_at_ms)
+        if self.payment_ttl:
+            body["payment_ttl"] = self.payment_ttl
+        return body
+
+    def note(self, outcome: str, message: str = "") -> dict[str, Any]:
+        return records.sale_entry(sku=self.sku, scenario=self.scenario, outcome=outcome, ts=time.time(),
+                                  stock=self.stock, per_user_limit=self.limit, shards=self.shards,
+                                  starts_at_ms=self.starts_at_ms, payment_ttl=self.payment_ttl,
+                                  message=message)
+
+
+def main_sale() -> SaleSpec:
+    return SaleSpec("main", "main", CONFIG.sku, CONFIG.stock, CONFIG.limit, CONFIG.shards, CONFIG.price)
+
+
+def lifecycle_sales(now_s: float) -> dict[str, SaleSpec]:
+    early = SaleSpec("early", "EarlyCrowd", CONFIG.early_sku, CONFIG.early_stock, 1,
+                     CONFIG.early_shards or CONFIG.shards, CONFIG.price,
+                     starts_at_ms=lifecycle.starts_at_ms(now_s, CONFIG.early_lead))
+    abandon = SaleSpec("abandon", "Abandoners", CONFIG.abandon_sku, CONFIG.abandon_stock, 1, CONFIG.shards,
+                       CONFIG.price, payment_ttl=CONFIG.abandon_ttl)
+    return {"early": early, "abandon": abandon}
+
+
+def sales_of(environment: Environment) -> dict[str, SaleSpec]:
+    """This run's sales by role, kept on the Environment (set at ``test_start``)."""
+    sales = getattr(environment, "lt_sales", None)
+    if sales is None:
+        sales = {"main": main_sale(), **lifecycle_sales(time.time())}
+        environment.lt_sales = sales  # type: ignore[attr-defined]
+    return sales
+
 
 def _admin_headers() -> dict[str, str]:
     return {"Authorization": f"Bearer {CONFIG.admin_token}"}
@@ -281,22 +433,99 @@ def ensure_sale(host: str, create: bool) -> None:
             if changed and create:
                 log.warning("sale %s exists: stock %d, limit %d, %d shards (options ignored)",
                             CONFIG.sku, CONFIG.stock, CONFIG.limit, CONFIG.shards)
+            if create:
+                RECORDER.write(main_sale().note("exists"))
             return
         if got.status_code != 404:
             raise RuntimeError(f"GET {url}: {got.status_code} {got.text[:200]}")
         if not create:
             time.sleep(0.5)
             continue
-        put = requests.put(url, headers=_admin_headers(), timeout=10, json={
-            "stock": CONFIG.stock, "per_user_limit": CONFIG.limit, "shards": CONFIG.shards,
-            "price": CONFIG.price})
+        put = requests.put(url, headers=_admin_headers(), timeout=10, json=main_sale().body())
         if put.status_code == 201:
             log.info("created sale %s: stock %d, limit %d, %d shards", CONFIG.sku, CONFIG.stock,
                      CONFIG.limit, CONFIG.shards)
+            RECORDER.write(main_sale().note("created"))
             return
         if put.status_code != 409:
             raise RuntimeError(f"PUT {url}: {put.status_code} {put.text[:200]}")
     raise RuntimeError(f"sale {CONFIG.sku} not found at {host}")
+
+
+def _wanted(spec: SaleSpec) -> str:
+    return "starts_at" if spec.starts_at_ms is not None else "payment_ttl"
+
+
+def create_lifecycle_sale(host: str, spec: SaleSpec) -> None:
+    """PUT the sale with its window or deadline (master/local). A 400 means this gateway
+    does not take them yet: the scenario is skipped, and the record says so."""
+    url = f"{host.rstrip('/')}/admin/sales/{spec.sku}"
+    if not CONFIG.admin_token:
+        spec.skip(f"no admin token (SECKILL_ADMIN_TOKEN) to create sale {spec.sku} with {_wanted(spec)}")
+        RECORDER.write(spec.note("failed", spec.skip_reason))
+        return
+    put = requests.put(url, headers=_admin_headers(), timeout=10, json=spec.body())
+    answer = lifecycle.json_or_empty(put.text)
+    if put.status_code == 201:
+        log.info("created sale %s for %s: %s", spec.sku, spec.scenario, json.dumps(spec.body()))
+        RECORDER.write(spec.note("created"))
+        return
+    if put.status_code == 400:
+        spec.skip(f"the gateway answered 400 to {_wanted(spec)} ({answer.get('message', put.text[:160])}): "
+                  f"it does not support {'sale windows' if spec.starts_at_ms else 'payment deadlines'} yet")
+        RECORDER.write(spec.note("unsupported", spec.skip_reason))
+        return
+    if put.status_code == 409:
+        adopt_lifecycle_sale(host, spec)
+        RECORDER.write(spec.note("exists" if spec.active else "failed", spec.skip_reason))
+        return
+    spec.skip(f"PUT {url}: {put.status_code} {put.text[:160]}")
+    RECORDER.write(spec.note("failed", spec.skip_reason))
+
+
+def adopt_lifecycle_sale(host: str, spec: SaleSpec) -> None:
+    """Take the existing sale's settings (a worker; or a SKU created before). Without the
+    window or deadline the scenario needs, it is skipped."""
+    url = f"{host.rstrip('/')}/admin/sales/{spec.sku}"
+    got = requests.get(url, headers=_admin_headers(), timeout=10) if CONFIG.admin_token else None
+    if got is None or got.status_code != 200:
+        status = "no admin token" if got is None else f"{got.status_code}"
+        spec.skip(f"sale {spec.sku} is not there ({status}; the master could not create it: see its log)")
+        return
+    sale = got.json()
+    spec.stock = int(sale.get("stock", spec.stock))
+    spec.shards = len(sale.get("shards", ())) or spec.shards
+    spec.starts_at_ms = records.epoch_ms(sale.get("starts_at")) or spec.starts_at_ms
+    ttl = sale.get("payment_ttl")
+    spec.payment_ttl = int(ttl) if isinstance(ttl, int) and ttl > 0 else spec.payment_ttl
+    if spec.role == "early" and "starts_at" not in sale:
+        spec.skip(f"sale {spec.sku} exists without starts_at")
+    elif spec.role == "abandon" and "payment_ttl" not in sale:
+        spec.skip(f"sale {spec.sku} exists without payment_ttl")
+
+
+def _selected(environment: Environment, name: str) -> bool:
+    return any(cls.__name__ == name for cls in environment.user_classes)
+
+
+def orders_service_missing() -> list[str]:
+    """What Abandoners lacks to pay and cancel at the orders service."""
+    return [name for name, value in (("--lt-orders-url", CONFIG.orders_url),
+                                     ("SECKILL_ORDERS_TOKEN", CONFIG.orders_token),
+                                     ("SECKILL_PAYMENT_SECRET", CONFIG.payment_secret)) if not value]
+
+
+def set_up_lifecycle_sale(environment: Environment, host: str, spec: SaleSpec, worker: bool) -> None:
+    if not _selected(environment, spec.scenario):
+        spec.active = False
+    elif spec.role == "abandon" and orders_service_missing():
+        spec.skip(f"it pays and cancels at the orders service: set {', '.join(orders_service_missing())}")
+        if not worker:
+            RECORDER.write(spec.note("failed", spec.skip_reason))
+    elif worker:
+        adopt_lifecycle_sale(host, spec)
+    else:
+        create_lifecycle_sale(host, spec)
 
 
 @events.test_start.add_listener
@@ -304,8 +533,13 @@ def _test_start(environment: Environment, **_kw: Any) -> None:
     host = environment.host or ""
     if environment.parsed_options is not None:
         _configure(environment.parsed_options)  # a worker gets the master's options with the spawn
+    worker = isinstance(environment.runner, WorkerRunner)
     try:
-        ensure_sale(host, create=not isinstance(environment.runner, WorkerRunner))
+        ensure_sale(host, create=not worker)
+        sales = {"main": main_sale(), **lifecycle_sales(time.time())}
+        environment.lt_sales = sales  # type: ignore[attr-defined]
+        for spec in (sales["early"], sales["abandon"]):
+            set_up_lifecycle_sale(environment, host, spec, worker)
     except (requests.RequestException, RuntimeError, KeyError, ValueError) as exc:
         log.error("cannot set up sale %s at %s: %s", CONFIG.sku, host, exc)
         environment.process_exit_code = 2
@@ -331,6 +565,7 @@ class Answer:
     code: str
     body: dict
     replayed: bool
+    retry_after: float | None = None
 
 
 class Buyer(FastHttpUser):
@@ -339,10 +574,15 @@ class Buyer(FastHttpUser):
     abstract = True
     concurrency = MAX_CONCURRENCY
     scenario = "Buyer"
+    role = "main"  # which sale of the run it buys from
     allowed: frozenset = frozenset()
 
     def wait_time(self) -> float:
         return random.uniform(0, CONFIG.wait)
+
+    @property
+    def sale(self) -> SaleSpec:
+        return sales_of(self.environment)[self.role]
 
     # user ids and identity
 
@@ -382,11 +622,13 @@ class Buyer(FastHttpUser):
 
     # the purchase and its contract checks
 
-    def buy(self, user_id: int, key: str, quantity: int = 1, allowed: frozenset | None = None) -> Answer | None:
+    def buy(self, user_id: int, key: str, quantity: int = 1, allowed: frozenset | None = None,
+            sale: SaleSpec | None = None, name: str | None = None) -> Answer | None:
         allowed = self.allowed if allowed is None else allowed
+        sale = sale or self.sale
         headers = {**self.identity(user_id), "X-Idempotency-Key": key, "Content-Type": "application/json"}
-        with self.client.post(f"/api/seckill/{CONFIG.sku}", data=json.dumps({"quantity": quantity}),
-                              headers=headers, name=f"/api/seckill/[sku] {self.scenario}",
+        with self.client.post(f"/api/seckill/{sale.sku}", data=json.dumps({"quantity": quantity}),
+                              headers=headers, name=name or f"/api/seckill/[sku] {self.scenario}",
                               catch_response=True) as resp:
             status = resp.status_code
             if not status:
@@ -397,28 +639,30 @@ class Buyer(FastHttpUser):
                 code = body["code"]
             except (ValueError, TypeError, KeyError):
                 resp.failure(f"{status}: not JSON with a code: {(resp.text or '')[:120]!r}")
-                OUTCOMES[(self.scenario, status, "-")] += 1
+                OUTCOMES[(self.scenario, sale.sku, status, "-")] += 1
                 return None
-            OUTCOMES[(self.scenario, status, str(code))] += 1
+            OUTCOMES[(self.scenario, sale.sku, status, str(code))] += 1
             headers_in = resp.headers or {}
             replayed = (headers_in.get("Idempotent-Replayed") or "").lower() == "true"
-            problem = self.problem(status, code, body, headers_in, allowed, user_id, key, quantity, replayed)
+            answer = Answer(status, code, body, replayed, lifecycle.retry_after(headers_in.get("Retry-After")))
+            problem = self.problem(answer, headers_in, allowed, user_id, key, quantity, sale)
             if problem:
                 resp.failure(problem)
             else:
                 resp.success()
-            return Answer(status, code, body, replayed)
+            return answer
 
-    def problem(self, status: int, code: str, body: dict, headers: Any, allowed: frozenset, user_id: int,
-                key: str, quantity: int, replayed: bool) -> str | None:
+    def problem(self, answer: Answer, headers: Any, allowed: frozenset, user_id: int, key: str, quantity: int,
+                sale: SaleSpec) -> str | None:
+        status, code, body = answer.status, answer.code, answer.body
         if (status, code) == OK:  # recorded whether allowed here or not
-            problem = self.admitted(body, user_id, key, quantity, replayed, 200)
+            problem = self.admitted(body, user_id, key, quantity, answer.replayed, 200, sale)
             if problem or OK in allowed:
-                return problem
+                return problem or self.timing_problem(answer, sale)
         if (status, code) == CONFLICT and CONFLICT not in allowed:
             original = body.get("original")
             if isinstance(original, dict) and original.get("status") == 200:
-                self.admitted(original.get("body") or {}, user_id, key, quantity, True, 409)
+                self.admitted(original.get("body") or {}, user_id, key, quantity, True, 409, sale)
         if (status, code) not in allowed and (status, code) not in OVERLOAD:
             if (status, code) == CONFLICT:
                 return (f"{self.scenario}: 409 IDEMPOTENT_CONFLICT for a key sent once (did the gateway "
@@ -435,26 +679,32 @@ class Buyer(FastHttpUser):
             if not isinstance(original, dict) or "status" not in original or "body" not in original:
                 return f"409 IDEMPOTENT_CONFLICT without its original outcome: {json.dumps(body)[:160]}"
             if original["status"] == 200:
-                return self.admitted(original["body"], user_id, key, quantity, True, 409)
+                return self.admitted(original["body"], user_id, key, quantity, True, 409, sale)
+        return self.timing_problem(answer, sale)
+
+    def timing_problem(self, answer: Answer, sale: SaleSpec) -> str | None:
+        """Checks of an answer against the sale's window (EarlyCrowd); none here."""
         return None
 
     def admitted(self, body: dict, user_id: int, key: str, quantity: int, replayed: bool,
-                 status: int) -> str | None:
+                 status: int, sale: SaleSpec) -> str | None:
         order_no, units = body.get("order_no"), body.get("units")
         if not isinstance(order_no, str) or not order_no or not isinstance(units, list):
             return f"admitted without order_no/units: {json.dumps(body)[:160]}"
-        RECORDER.write({"ts": round(time.time(), 3), "sku": CONFIG.sku, "order_no": order_no, "units": units,
-                        "user_id": user_id, "key": key, "status": status, "replayed": replayed,
-                        "scenario": self.scenario})
-        if body.get("sku") != CONFIG.sku or body.get("user_id") != user_id:
+        RECORDER.write(records.admitted_entry(sku=sale.sku, order_no=order_no, units=units, user_id=user_id,
+                                              key=key, status=status, replayed=replayed,
+                                              scenario=self.scenario, ts=time.time()))
+        if body.get("sku") != sale.sku or body.get("user_id") != user_id:
             return f"order {order_no} names sku {body.get('sku')} user {body.get('user_id')}"
         if len(units) != quantity or len(set(units)) != quantity:
             return f"order {order_no}: {len(units)} units {units} for quantity {quantity}"
-        bad = [u for u in units if not isinstance(u, int) or not 1 <= u <= CONFIG.stock]
+        bad = [u for u in units if not isinstance(u, int) or not 1 <= u <= sale.stock]
         if bad:
-            return f"order {order_no}: units {bad} outside 1..{CONFIG.stock}"
+            return f"order {order_no}: units {bad} outside 1..{sale.stock}"
+        if sale.payment_ttl:
+            return None  # units come back and are sold again: the verifier checks them
         for unit in units:
-            holder = UNITS_SEEN.setdefault(unit, order_no)
+            holder = UNITS_SEEN.setdefault((sale.sku, unit), order_no)
             if holder != order_no:
                 return f"unit {unit} given to {holder} and to {order_no}"
         return None
@@ -590,3 +840,239 @@ class LateCrowd(Buyer):
             return
         # Without an admin token we cannot know the sale is sold out: then a 200 is allowed.
         self.buy(user_id, key, allowed=self.allowed if self.confirmed else self.allowed | {OK})
+
+
+class Idler(Buyer):
+    """A lifecycle scenario whose sale this gateway cannot hold: it waits, quietly."""
+
+    abstract = True
+
+    def idle(self) -> None:
+        gevent.sleep(1.0)
+
+
+class EarlyCrowd(Idler):
+    """Thousands of buyers polling before ``starts_at``, honouring ``Retry-After``, then
+    buying at the start: nothing admitted early, all the stock sold after."""
+
+    fixed_count = 10
+    scenario = "EarlyCrowd"
+    role = "early"
+    allowed = frozenset({OK, SOLD_OUT, ALREADY, NOT_STARTED})
+    probe_allowed = frozenset({KEY_REUSED, SOLD_OUT, ALREADY})
+
+    def on_start(self) -> None:
+        self.done = False
+
+    @task
+    def crowd(self) -> None:
+        if self.done or not self.sale.active:
+            self.idle()
+            return
+        pool = gevent.pool.Pool(max(1, CONFIG.early_buyers))
+        pool.map(lambda _: self.one_buyer(), range(CONFIG.early_buyers))
+        self.done = True
+
+    def one_buyer(self) -> None:
+        user_id = self.random_user()
+        key = self.new_key(user_id)
+        if key is None:
+            return
+        for _ in range(MAX_POLLS):
+            answer = self.buy(user_id, key)
+            if answer is None:
+                return
+            if (answer.status, answer.code) == NOT_STARTED or (answer.status, answer.code) in OVERLOAD:
+                gevent.sleep(lifecycle.poll_delay(answer.retry_after))
+                continue
+            if answer.status == 200:
+                self.probe_key(user_id, key)
+            return
+        self.check_failed("EarlyCrowd start", f"user {user_id}: still not admitted after {MAX_POLLS} polls")
+
+    def probe_key(self, user_id: int, key: str) -> None:
+        """The key that bought here, sent to the main sale: it must not buy there too."""
+        main = sales_of(self.environment)["main"]
+        self.buy(user_id, key, allowed=self.probe_allowed, sale=main, name="/api/seckill/[sku] EarlyCrowd key probe")
+
+    def timing_problem(self, answer: Answer, sale: SaleSpec) -> str | None:
+        if sale.role != "early":
+            return None
+        status, code, body = answer.status, answer.code, answer.body
+        now_ms = time.time() * 1000
+        if (status, code) == NOT_STARTED:
+            starts = records.epoch_ms(body.get("starts_at"))
+            if answer.retry_after is None:
+                return "403 SALE_NOT_STARTED without Retry-After"
+            if starts is None:
+                return f"403 SALE_NOT_STARTED without starts_at: {json.dumps(body)[:160]}"
+            sale.starts_at_ms = sale.starts_at_ms or starts
+            # By the gateway's own clock when it says (a request that queued past the
+            # start was still answered before it); else by ours, with some slack.
+            server_ms = records.epoch_ms(body.get("server_time"))
+            if server_ms is not None and server_ms >= starts:
+                return f"403 SALE_NOT_STARTED at server_time {server_ms}, not before starts_at {starts}"
+            if server_ms is None and now_ms > starts + START_SLACK_MS:
+                return f"403 SALE_NOT_STARTED {(now_ms - starts) / 1000:.1f} s after starts_at"
+        if status == 200 and sale.starts_at_ms and now_ms < sale.starts_at_ms - START_SLACK_MS:
+            return f"200 OK {(sale.starts_at_ms - now_ms) / 1000:.1f} s before starts_at"
+        return None
+
+
+class Abandoners(Idler):
+    """Buyers of a sale with a payment deadline: some pay, some never pay (the orders
+    service expires the order and releases its units, which others buy), some pay too
+    late (409 ORDER_CLOSED, due for refund), some cancel."""
+
+    fixed_count = 10
+    scenario = "Abandoners"
+    role = "abandon"
+    allowed = COMMON
+
+    def wait_time(self) -> float:
+        return random.uniform(0, CONFIG.abandon_wait)
+
+    def on_start(self) -> None:
+        self.followups = gevent.pool.Group()
+        self.mix = lifecycle.Mix.parse(CONFIG.abandon_mix)
+
+    def on_stop(self) -> None:
+        self.followups.kill(block=False)
+
+    @task
+    def buy_and_decide(self) -> None:
+        if not self.sale.active:
+            self.idle()
+            return
+        user_id = self.random_user()
+        key = self.new_key(user_id)
+        answer = self.buy(user_id, key) if key is not None else None
+        if answer is not None and answer.status == 200:
+            self.followups.spawn(self.follow_up, answer.body["order_no"], self.mix.choose())
+
+    # at the orders service
+
+    @property
+    def orders_auth(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {CONFIG.orders_token}"}
+
+    def orders(self, path: str) -> str:
+        return CONFIG.orders_url.rstrip("/") + path
+
+    def follow_up(self, order_no: str, fate: str) -> None:
+        order = self.delivered(order_no)
+        if order is None or fate == lifecycle.ABANDON:
+            return
+        if fate == lifecycle.PAY:
+            self.pay(order, late=False)
+        elif fate == lifecycle.CANCEL:
+            self.cancel(order)
+        elif fate == lifecycle.LATE:
+            self.pay_late(order)
+
+    def get_order(self, order_no: str) -> tuple[int, dict[str, Any]]:
+        with self.client.get(self.orders(f"/orders/{order_no}"), headers=self.orders_auth,
+                             name="orders: GET /orders/[no]", catch_response=True) as resp:
+            data = lifecycle.json_or_empty(resp.text)
+            if resp.status_code in (200, 404):
+                resp.success()  # 404: not delivered yet
+            else:
+                resp.failure(f"{resp.status_code}: {(resp.text or '')[:160]}")
+            return resp.status_code, data
+
+    def delivered(self, order_no: str) -> dict[str, Any] | None:
+        """The order at the orders service, once the relay delivered it."""
+        deadline = time.monotonic() + DELIVERY_TIMEOUT
+        while time.monotonic() < deadline:
+            status, data = self.get_order(order_no)
+            if status == 200:
+                return data
+            if status != 404:
+                return None
+            gevent.sleep(0.25)
+        self.check_failed("Abandoners delivery", f"order {order_no} not delivered in {DELIVERY_TIMEOUT:.0f} s")
+        return None
+
+    def pay(self, order: dict[str, Any], *, late: bool) -> str | None:
+        """Send a signed notice; the answer's code (None when there was none)."""
+        notify_id = f"lt-{uuid.uuid4().hex}"
+        body, headers = lifecycle.notice(CONFIG.payment_secret, notify_id, order["order_no"],
+                                         int(order["amount"]), time.time())
+        name = f"orders: POST /payments/notify {'late' if late else 'on time'}"
+        with self.client.post(self.orders("/payments/notify"), data=body, headers=headers, name=name,
+                              catch_response=True) as resp:
+            data = lifecycle.json_or_empty(resp.text)
+            code = str(data.get("code", "-"))
+            RECORDER.write(records.payment_entry(
+                sku=self.sale.sku, order_no=order["order_no"], notify_id=notify_id, amount=int(order["amount"]),
+                late=late, status=resp.status_code, code=code, state=str(data.get("state") or ""),
+                scenario=self.scenario, ts=time.time()))
+            problem = self.payment_problem(order, resp.status_code, code, data, late)
+            if problem:
+                resp.failure(problem)
+            else:
+                resp.success()
+        return code
+
+    def payment_problem(self, order: dict[str, Any], status: int, code: str, data: dict[str, Any],
+                        late: bool) -> str | None:
+        if late:
+            return None if (status, code) == (409, "ORDER_CLOSED") else \
+                f"late payment answered {status} {code}, not 409 ORDER_CLOSED"
+        if (status, code) == (200, "OK"):
+            return None if data.get("state") == "paid" else f"paid, but the order reads {data.get('state')}"
+        past_deadline = order.get("pay_by") is not None and time.time() * 1000 >= int(order["pay_by"])
+        if (status, code) == (409, "ORDER_CLOSED") and past_deadline:
+            return None  # delivered so late that the deadline had passed
+        return f"payment answered {status} {code}: {json.dumps(data)[:160]}"
+
+    def pay_late(self, order: dict[str, Any]) -> None:
+        """Wait past the deadline until the order reads expired, pay, and find the
+        payment among the refunds."""
+        if order.get("pay_by") is None:
+            self.check_failed("Abandoners deadline", f"order {order['order_no']} has no pay_by: the sale's "
+                              "payment_ttl did not reach the orders service")
+            return
+        pay_by_s = int(order["pay_by"]) / 1000
+        gevent.sleep(max(0.0, pay_by_s - time.time()) + 0.5)
+        while True:
+            status, data = self.get_order(order["order_no"])
+            if status == 200 and data.get("state") != "pending":
+                break
+            if time.time() > pay_by_s + EXPIRY_TIMEOUT:
+                self.check_failed("Abandoners expiry", f"order {order['order_no']} still {data.get('state')} "
+                                  f"{EXPIRY_TIMEOUT:.0f} s after its pay_by")
+                return
+            gevent.sleep(0.5)
+        if data.get("state") != "expired":
+            self.check_failed("Abandoners expiry", f"order {order['order_no']} reads {data.get('state')} after "
+                              "its deadline, unpaid: expected expired")
+            return
+        if self.pay(order, late=True) == "ORDER_CLOSED":
+            self.find_refund(order["order_no"])
+
+    def find_refund(self, order_no: str) -> None:
+        with self.client.get(self.orders("/refunds"), headers=self.orders_auth, name="orders: GET /refunds",
+                             catch_response=True) as resp:
+            refunds = lifecycle.json_or_empty(resp.text).get("refunds") or []
+            if resp.status_code != 200:
+                resp.failure(f"{resp.status_code}: {(resp.text or '')[:160]}")
+            elif not any(r.get("order_no") == order_no for r in refunds if isinstance(r, dict)):
+                resp.failure(f"the late payment for {order_no} is not listed as due for refund")
+            else:
+                resp.success()
+
+    def cancel(self, order: dict[str, Any]) -> None:
+        order_no = order["order_no"]
+        with self.client.post(self.orders(f"/orders/{order_no}/cancel"), headers=self.orders_auth,
+                              name="orders: POST /orders/[no]/cancel", catch_response=True) as resp:
+            data = lifecycle.json_or_empty(resp.text)
+            code = str(data.get("code", "-"))
+            RECORDER.write(records.cancel_entry(sku=self.sale.sku, order_no=order_no, status=resp.status_code,
+                                                code=code, scenario=self.scenario, ts=time.time()))
+            if resp.status_code == 200 and data.get("state") == "cancelled":
+                resp.success()
+            elif resp.status_code == 409 and data.get("state") == "expired":
+                resp.success()  # the deadline passed first
+            else:
+                resp.failure(f"cancel answered {resp.status_code} {code} ({data.get('state')})")

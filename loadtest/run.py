@@ -1,23 +1,29 @@
-"""Run a load test end to end: local stack, Locust (headless, bounded), the verifier.
+"""Run a load test end to end: local stack, Locust (headless, bounded), the verifier, the picture.
 
-    python -m loadtest.run                      # local stack: Redis Cluster, [orders service], gateway
+    python -m loadtest.run                      # local stack: Redis Cluster, orders service, gateway
     python -m loadtest.run --host https://gw.example.com   # a deployed gateway: no stack started
 
-Local: starts a throw-away Redis (a 3-primary Redis Cluster through
-``gateway.devcluster.LocalCluster``, or ``--redis standalone``), the bundled orders
-service (``seckill-gateway orders serve``, if this checkout has that command) on a
-SQLite file, and the gateway (``seckill-gateway serve``) on free local ports, with a
-fresh key prefix, SKU and admin token. Then Locust runs headless for ``--run-time``
-(HTML report, CSV stats, the record of 200s and the outcome table in
-``loadtest/reports/``), then ``loadtest.verify`` checks the invariants. Everything it
+Local: starts a throw-away Redis (a 3-primary Redis Cluster, ``devtools.redis_cluster.
+LocalCluster``, or ``--redis standalone``: ``devtools.redis_server.LocalRedis``), the
+bundled orders service (``seckill-gateway orders serve``) on a SQLite file, and the
+gateway (``seckill-gateway serve``) on free local ports, with a fresh key prefix, SKU,
+admin token, orders token and payment secret; the orders service sends releases to the
+gateway, the gateway's relay delivers to the orders service. Every child process goes
+through ``devtools.processes.ChildProcess``. Then Locust runs headless for
+``--run-time`` (HTML report, CSV stats, the record file and the outcome table in
+``loadtest/reports/``), then ``loadtest.verify`` checks the invariants of every sale the
+scenarios set up (the main sale, EarlyCrowd's, Abandoners'), then ``loadtest.timeline``
+draws units sold, released and sold again (``reports/timeline.png``). Everything it
 started is stopped at the end, also on Ctrl-C or SIGTERM.
 
 With ``--host URL`` nothing is started: Locust runs against ``URL`` (the admin token
-comes from ``SECKILL_ADMIN_TOKEN``) and the verifier reads the Redis and orders store
-given by the usual ``SECKILL_*`` variables (skip it with ``--no-verify``).
+comes from ``SECKILL_ADMIN_TOKEN``; Abandoners needs ``SECKILL_LT_ORDERS_URL``,
+``SECKILL_ORDERS_TOKEN`` and ``SECKILL_PAYMENT_SECRET``) and the verifier reads the
+Redis and orders store given by the usual ``SECKILL_*`` variables (skip it with
+``--no-verify``).
 
-Exit status: the verifier's (0 clean, 1 violations, 2 could not verify) if not 0, else
-Locust's (1 when any request failed a check).
+Exit status: 1 if the verifier found violations in any sale, else 2 if it could not
+verify one, else Locust's (1 when any request failed a check).
 """
 
 from __future__ import annotations
@@ -26,137 +32,120 @@ import argparse
 import json
 import os
 import secrets
-import shutil
 import signal
-import socket
-import subprocess
 import sys
-import tempfile
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Sequence
 from contextlib import ExitStack
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from devtools.processes import free_port, stop_process
-
-from . import verify
+from devtools.processes import ChildProcess, NotReady, free_port, http_answers
+from devtools.redis_cluster import ClusterNotReady, LocalCluster
+from devtools.redis_server import LocalRedis
+from loadtest import records, timeline, verify
 
 LOADTEST_DIR = Path(__file__).resolve().parent
 REPO = LOADTEST_DIR.parent
 PYTHON = sys.executable
-SCENARIOS = ("FlashCrowd", "RetryStorm", "GreedyUser", "SkewedCrowd", "LateCrowd")
+SCENARIOS = ("FlashCrowd", "RetryStorm", "GreedyUser", "SkewedCrowd", "LateCrowd", "EarlyCrowd", "Abandoners")
+STARTUP_TIMEOUT = 30.0
 
 
 def log(message: str) -> None:
     print(f"[loadtest] {message}", file=sys.stderr, flush=True)
 
 
+@dataclass
+class Target:
+    """What Locust and the verifier talk to: the gateway, where its Redis and orders
+    store are, and the environment for Locust (secrets included)."""
 
-def cli_has(*words: str) -> bool:
-    """True when ``seckill-gateway <words> --help`` works (the command exists)."""
-    result = subprocess.run([PYTHON, "-m", "gateway", *words, "--help"], capture_output=True, text=True,
-                            cwd=REPO)
-    return result.returncode == 0
-
-
-def wait_http(url: str, timeout: float, proc: subprocess.Popen | None = None) -> None:
-    deadline = time.monotonic() + timeout
-    last = ""
-    while time.monotonic() < deadline:
-        if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"process for {url} exited with {proc.returncode}")
-        try:
-            with urllib.request.urlopen(url, timeout=2) as resp:
-                if resp.status < 500:
-                    return
-        except urllib.error.HTTPError as exc:
-            if exc.code < 500:
-                return
-            last = str(exc)
-        except OSError as exc:
-            last = str(exc)
-        time.sleep(0.2)
-    raise RuntimeError(f"{url} did not come up in {timeout:.0f}s: {last}")
+    host: str
+    env: dict[str, str]
+    verify_args: list[str] = field(default_factory=list)  # where Redis and the DB are
+    database_url: str | None = None
 
 
-class Processes:
-    """Child processes this runner started, each in its own session; stopped in reverse."""
+# -- the local stack -------------------------------------------------------------------------
 
-    def __init__(self) -> None:
-        self.started: list[tuple[str, subprocess.Popen]] = []
-
-    def start(self, name: str, argv: list[str], env: dict[str, str], logfile: Path) -> subprocess.Popen:
-        out = open(logfile, "wb")
-        proc = subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT, cwd=REPO,
-                                start_new_session=True)
-        out.close()
-        self.started.append((name, proc))
-        log(f"started {name} (pid {proc.pid}), log {logfile}")
-        return proc
-
-    def stop(self) -> None:
-        for name, proc in reversed(self.started):
-            if proc.poll() is None:
-                stop_process(proc)
-                log(f"stopped {name} (pid {proc.pid})")
-        self.started.clear()
-
-
-class StandaloneRedis:
-    """A private redis-server on a free port (used when gateway.devcluster has no LocalRedis)."""
-
-    def __init__(self, processes: Processes, reports: Path) -> None:
-        self.dir = Path(tempfile.mkdtemp(prefix="loadtest-redis-"))
-        self.port = free_port()
-        server = shutil.which("redis-server")
-        if server is None:
-            raise RuntimeError("redis-server is not installed")
-        self.proc = processes.start("redis-server", [
-            server, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-            "--dir", str(self.dir), "--protected-mode", "no"], dict(os.environ), reports / "redis.log")
-        self.url = f"redis://127.0.0.1:{self.port}/0"
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=1) as sock:
-                    sock.sendall(b"PING\r\n")
-                    if sock.recv(16).startswith(b"+PONG"):
-                        break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError("redis-server did not answer PING")
-            time.sleep(0.1)
-
-    def stop(self) -> None:
-        shutil.rmtree(self.dir, ignore_errors=True)
-
-
-def start_redis(args: argparse.Namespace, stack: ExitStack, processes: Processes, reports: Path) -> tuple[str, str]:
-    """Start the local Redis; returns (url, mode)."""
+def start_redis(args: argparse.Namespace, stack: ExitStack) -> tuple[str, str]:
+    """Start the local Redis, stopped when ``stack`` closes; returns (url, mode)."""
     if args.redis == "cluster":
-        from devtools.redis_cluster import LocalCluster
-
-        cluster = LocalCluster(primaries=args.primaries, replicas_per_primary=args.replicas)
         log(f"starting a local Redis Cluster ({args.primaries} primaries, {args.replicas} replica(s) each)")
-        cluster.start()
-        stack.callback(cluster.stop)
+        cluster = stack.enter_context(LocalCluster(primaries=args.primaries, replicas_per_primary=args.replicas))
         return cluster.url, "cluster"
-    try:
-        from devtools.redis_cluster import LocalRedis  # type: ignore[attr-defined]
-    except ImportError:
-        LocalRedis = None
-    if LocalRedis is not None:
-        server = LocalRedis()
-        server.start()
-        stack.callback(server.stop)
-        return server.url, "standalone"
-    server = StandaloneRedis(processes, reports)
-    stack.callback(server.stop)
+    server = stack.enter_context(LocalRedis())
     return server.url, "standalone"
 
+
+def start_child(stack: ExitStack, name: str, argv: list[str], env: dict[str, str], logfile: Path,
+                health_url: str) -> ChildProcess:
+    """A ``python -m gateway …`` service, ready when ``health_url`` answers 200; stopped
+    (SIGTERM, then SIGKILL) when ``stack`` closes."""
+    child = ChildProcess(name, argv, logfile, env=env, cwd=REPO)
+    stack.callback(child.stop)
+    child.start(http_answers(health_url, ok_only=True), STARTUP_TIMEOUT)
+    log(f"started {name} (pid {child.pid}), log {logfile}")
+    return child
+
+
+def start_stack(args: argparse.Namespace, stack: ExitStack, sku: str, reports: Path) -> Target:
+    redis_url, redis_mode = start_redis(args, stack)
+    gateway_url = f"http://127.0.0.1:{free_port()}"
+    env = {**os.environ,
+           "SECKILL_REDIS_URL": redis_url, "SECKILL_REDIS_MODE": redis_mode,
+           "SECKILL_ADMIN_TOKEN": secrets.token_urlsafe(16),
+           "SECKILL_KEY_PREFIX": f"lt{secrets.token_hex(4)}",
+           "SECKILL_SHARDS": str(args.shards)}
+    target = Target(gateway_url, env, ["--redis-url", redis_url, "--redis-mode", redis_mode,
+                                       "--key-prefix", env["SECKILL_KEY_PREFIX"]])
+    if args.no_orders:
+        log("no orders service (--no-orders): verifying Redis only; Abandoners skips itself")
+        target.verify_args.append("--no-db")
+    else:
+        start_orders_service(stack, target, gateway_url, sku, reports)
+    port = gateway_url.rsplit(":", 1)[1]
+    start_child(stack, "gateway", [PYTHON, "-m", "gateway", "serve", "--host", "127.0.0.1", "--port", port,
+                                   "--workers", str(args.gateway_workers)],
+                env, reports / "gateway.log", f"{gateway_url}/healthz")
+    log(f"gateway up at {gateway_url}, Redis {redis_mode} at {redis_url}")
+    return target
+
+
+def start_orders_service(stack: ExitStack, target: Target, gateway_url: str, sku: str, reports: Path) -> None:
+    """The bundled orders service on a fresh SQLite file: the relay's endpoint, and the
+    sender of releases (expired, cancelled orders) back to the gateway."""
+    db = reports / f"orders-{sku}.db"
+    for stale in (db, db.with_name(db.name + "-wal"), db.with_name(db.name + "-shm")):
+        stale.unlink(missing_ok=True)
+    orders_url = f"http://127.0.0.1:{free_port()}"
+    token = secrets.token_urlsafe(16)
+    target.database_url = f"sqlite:///{db}"
+    target.env.update({
+        "SECKILL_DATABASE_URL": target.database_url,
+        "SECKILL_ORDERS_TOKEN": token,       # what the orders service requires ...
+        "SECKILL_UPSTREAM_TOKEN": token,     # ... and what the relay sends it
+        "SECKILL_PAYMENT_SECRET": secrets.token_urlsafe(16),
+        "SECKILL_GATEWAY_URL": gateway_url,  # where releases go (with SECKILL_ADMIN_TOKEN)
+        "SECKILL_UPSTREAM_URL": f"{orders_url}/orders",
+        "SECKILL_LT_ORDERS_URL": orders_url,  # Abandoners pays and cancels there
+    })
+    start_child(stack, "orders service", [PYTHON, "-m", "gateway", "orders", "serve", "--host", "127.0.0.1",
+                                          "--port", orders_url.rsplit(":", 1)[1]],
+                target.env, reports / "orders.log", f"{orders_url}/healthz")
+    target.verify_args += ["--database-url", target.database_url]
+
+
+def deployed_target(args: argparse.Namespace) -> Target:
+    env = dict(os.environ)
+    if not env.get("SECKILL_ADMIN_TOKEN"):
+        log("SECKILL_ADMIN_TOKEN is not set: the sale must exist already; EarlyCrowd and Abandoners skip")
+    database_url = env.get("SECKILL_DATABASE_URL")  # the deployment's store, only when named (not ./orders.db)
+    return Target(args.host, env, [] if database_url else ["--no-db"], database_url)
+
+
+# -- Locust ----------------------------------------------------------------------------------
 
 def locust_argv(args: argparse.Namespace, host: str, sku: str, record: Path, reports: Path) -> list[str]:
     argv = [PYTHON, "-m", "locust", "-f", str(LOADTEST_DIR / "locustfile.py"), "--headless",
@@ -170,17 +159,88 @@ def locust_argv(args: argparse.Namespace, host: str, sku: str, record: Path, rep
     return argv + list(args.locust_args) + list(args.classes)
 
 
-def expect_sold_out(choice: str, outcomes: Path) -> bool:
-    """``auto``: the gateway answered SOLD_OUT at least once, so by the contract no unit
-    may be left (SOLD_OUT only when the whole sale has none)."""
-    if choice != "auto":
-        return choice == "yes"
+def run_locust(stack: ExitStack, argv: list[str], env: dict[str, str]) -> int:
+    """Locust in the foreground (its output on this terminal); stopped if we are."""
+    locust = ChildProcess("locust", argv, None, env=env, cwd=REPO)
+    stack.callback(locust.stop)
+    locust.start()
+    while locust.running:
+        time.sleep(0.2)
+    return locust.returncode or 0
+
+
+# -- verifying every sale --------------------------------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class SaleCheck:
+    sku: str
+    scenario: str
+    expect_sold_out: bool
+
+
+def sold_out_seen(outcomes: Path, sku: str, main: bool) -> bool:
+    """The gateway answered SOLD_OUT for ``sku`` at least once: by the contract no unit
+    may then be left (rows of old tables, without a SKU, count for the main sale)."""
     try:
         rows = json.loads(outcomes.read_text())
     except (OSError, ValueError):
         return False
-    return any(r["status"] == 410 and r["code"] == "SOLD_OUT" and r["count"] > 0 for r in rows)
+    return any(r["status"] == 410 and r["code"] == "SOLD_OUT" and r["count"] > 0
+               and r.get("sku", sku if main else None) == sku for r in rows)
 
+
+def plan_checks(record: records.Record, sku: str, outcomes: Path, choice: str) -> list[SaleCheck]:
+    """The sales to verify: the main one always, the lifecycle ones the run set up.
+    ``--expect-sold-out`` (auto: a SOLD_OUT was answered) rules the main sale;
+    EarlyCrowd's sale must sell out once it said SOLD_OUT; Abandoners' never must
+    (units come back after the buyers stopped)."""
+    main = SaleCheck(sku, "main", sold_out_seen(outcomes, sku, True) if choice == "auto" else choice == "yes")
+    checks = [main]
+    for note in record.sales:
+        if note.sku == sku or not note.usable or note.sku in {c.sku for c in checks}:
+            continue
+        sold_out = note.scenario == "EarlyCrowd" and sold_out_seen(outcomes, note.sku, False)
+        checks.append(SaleCheck(note.sku, note.scenario, sold_out))
+    return checks
+
+
+def skipped(record: records.Record) -> list[records.SaleNote]:
+    return [n for n in record.sales if not n.usable]
+
+
+def verify_sales(checks: Sequence[SaleCheck], target: Target, record_path: Path, wait: float) -> dict[str, int]:
+    """Run the verifier for each sale; its exit status by SKU."""
+    results: dict[str, int] = {}
+    for check in checks:
+        argv = ["--sku", check.sku, "--admitted", str(record_path), *target.verify_args]
+        if target.database_url and "--no-db" not in argv:
+            argv += ["--wait-delivery", str(wait)]
+        if check.expect_sold_out:
+            argv.append("--expect-sold-out")
+        log(f"verify {check.scenario} sale: python -m loadtest.verify {' '.join(argv)}")
+        results[check.sku] = verify.main(argv)
+        log(f"verifier for {check.sku} exited with {results[check.sku]}")
+    return results
+
+
+def draw(record_path: Path, database_url: str | None, reports: Path) -> None:
+    try:
+        path = timeline.draw_run(record_path, database_url, reports / "timeline.png")
+    except Exception as exc:  # the picture is a view of the run, not its verdict
+        log(f"could not draw the timeline: {type(exc).__name__}: {exc}")
+        return
+    log(f"timeline: {path}" if path else "timeline: nothing was sold, nothing to draw")
+
+
+def verdict(results: dict[str, int], locust_rc: int) -> int:
+    if any(rc == 1 for rc in results.values()):
+        return 1
+    if any(rc for rc in results.values()):
+        return 2
+    return locust_rc
+
+
+# -- command line ----------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m loadtest.run", description=__doc__.splitlines()[0],
@@ -189,7 +249,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"user classes to run (default: all): {', '.join(SCENARIOS)}")
     p.add_argument("--host", help="a deployed gateway's URL: start nothing, test it")
     p.add_argument("--run-time", default="30s", help="Locust --run-time [30s]")
-    p.add_argument("--users", type=int, default=100, help="Locust users [100]")
+    p.add_argument("--users", type=int, default=100,
+                   help="Locust users [100]; EarlyCrowd and Abandoners take a fixed number of them first")
     p.add_argument("--spawn-rate", type=float, default=50, help="users started per second [50]")
     p.add_argument("--processes", type=int, default=1, help="Locust worker processes (-1: one per CPU) [1]")
     p.add_argument("--sku", help="sale SKU [SECKILL_LT_SKU, or a fresh lt-<time> SKU]")
@@ -202,15 +263,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gateway-workers", type=int, default=1, help="seckill-gateway serve --workers [1]")
     p.add_argument("--no-orders", action="store_true", help="do not start the orders service")
     p.add_argument("--wait-delivery", type=float, default=30.0,
-                   help="verifier: wait up to this long for deliveries [30, when an orders store is used]")
+                   help="verifier: wait up to this long for orders to settle [30, when an orders store is used]")
     p.add_argument("--expect-sold-out", choices=("auto", "yes", "no"), default="auto",
-                   help="verifier --expect-sold-out [auto: if any SOLD_OUT was answered]")
+                   help="verifier --expect-sold-out for the main sale [auto: if any SOLD_OUT was answered]")
     p.add_argument("--no-verify", action="store_true", help="skip the verifier")
     p.add_argument("--reports", default=str(LOADTEST_DIR / "reports"), help="output directory")
     return p
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def parse(argv: Sequence[str] | None) -> argparse.Namespace | None:
     argv = list(sys.argv[1:] if argv is None else argv)
     locust_extra: list[str] = []
     if "--" in argv:
@@ -221,94 +282,50 @@ def main(argv: Sequence[str] | None = None) -> int:
     unknown = [c for c in args.classes if c not in SCENARIOS]
     if unknown:
         print(f"unknown scenario(s): {', '.join(unknown)}; choose from {', '.join(SCENARIOS)}", file=sys.stderr)
-        return 2
+        return None
+    return args
+
+
+def run(args: argparse.Namespace, stack: ExitStack) -> int:
     reports = Path(args.reports).resolve()
     reports.mkdir(parents=True, exist_ok=True)
-    record = reports / "admitted.jsonl"
-    record.unlink(missing_ok=True)
+    record_path = reports / "admitted.jsonl"
+    record_path.unlink(missing_ok=True)
     (reports / "outcomes.json").unlink(missing_ok=True)
     sku = args.sku or os.environ.get("SECKILL_LT_SKU") or f"lt-{time.strftime('%Y%m%d-%H%M%S')}"
+    target = deployed_target(args) if args.host else start_stack(args, stack, sku, reports)
+    target.env.update({"SECKILL_LT_RECORD": str(record_path), "SECKILL_LT_SKU": sku})
+    command = locust_argv(args, target.host, sku, record_path, reports)
+    log(f"locust: {' '.join(command[2:])}")
+    locust_rc = run_locust(stack, command, target.env)
+    log(f"locust exited with {locust_rc}; report {reports / 'report.html'}")
+    record = records.read_record(record_path)
+    for note in skipped(record):
+        log(f"{note.scenario} was skipped ({note.outcome}): {note.message}")
+    results: dict[str, int] = {}
+    if not args.no_verify:
+        checks = plan_checks(record, sku, reports / "outcomes.json", args.expect_sold_out)
+        results = verify_sales(checks, target, record_path, args.wait_delivery)
+    draw(record_path, target.database_url, reports)
+    return verdict(results, locust_rc)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse(argv)
+    if args is None:
+        return 2
 
     def terminate(signum: int, _frame: object) -> None:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, terminate)
-    processes = Processes()  # Redis (when not through gateway.devcluster)
-    services = Processes()  # orders service, gateway: stopped before Redis
-    env = dict(os.environ)
-    verify_argv = ["--sku", sku, "--admitted", str(record)]
-    with ExitStack() as stack:
-        stack.callback(processes.stop)
+    with ExitStack() as stack:  # closed in reverse: Locust, gateway, orders service, Redis
         try:
-            if args.host:
-                host = args.host
-                if not env.get("SECKILL_ADMIN_TOKEN"):
-                    log("SECKILL_ADMIN_TOKEN is not set: the sale must exist already")
-            else:
-                redis_url, redis_mode = start_redis(args, stack, processes, reports)
-                stack.callback(services.stop)
-                env.update({
-                    "SECKILL_REDIS_URL": redis_url, "SECKILL_REDIS_MODE": redis_mode,
-                    "SECKILL_ADMIN_TOKEN": secrets.token_urlsafe(16),
-                    "SECKILL_KEY_PREFIX": f"lt{secrets.token_hex(4)}",
-                    "SECKILL_SHARDS": str(args.shards),
-                })
-                verify_argv += ["--redis-url", redis_url, "--redis-mode", redis_mode,
-                                "--key-prefix", env["SECKILL_KEY_PREFIX"]]
-                if not args.no_orders and cli_has("orders", "serve"):
-                    db = reports / f"orders-{sku}.db"
-                    db.unlink(missing_ok=True)
-                    env["SECKILL_DATABASE_URL"] = f"sqlite:///{db}"
-                    # The orders service's callers authenticate (the relay with its bearer).
-                    env["SECKILL_ORDERS_TOKEN"] = env["SECKILL_UPSTREAM_TOKEN"] = secrets.token_urlsafe(16)
-                    env["SECKILL_PAYMENT_SECRET"] = secrets.token_urlsafe(16)
-                    port = free_port()
-                    orders = services.start("orders service", [
-                        PYTHON, "-m", "gateway", "orders", "serve", "--host", "127.0.0.1", "--port", str(port)],
-                        env, reports / "orders.log")
-                    wait_http(f"http://127.0.0.1:{port}/healthz", 30, orders)
-                    env["SECKILL_UPSTREAM_URL"] = f"http://127.0.0.1:{port}/orders"
-                    verify_argv += ["--database-url", env["SECKILL_DATABASE_URL"],
-                                    "--wait-delivery", str(args.wait_delivery)]
-                else:
-                    log("no orders service (seckill-gateway orders serve is not in this checkout, "
-                        "or --no-orders): verifying Redis only")
-                    verify_argv += ["--no-db"]
-                port = free_port()
-                gateway = services.start("gateway", [
-                    PYTHON, "-m", "gateway", "serve", "--host", "127.0.0.1", "--port", str(port),
-                    "--workers", str(args.gateway_workers)], env, reports / "gateway.log")
-                host = f"http://127.0.0.1:{port}"
-                wait_http(f"{host}/healthz", 30, gateway)
-                log(f"gateway up at {host}, Redis {redis_mode} at {redis_url}")
-            env["SECKILL_LT_RECORD"] = str(record)
-            env["SECKILL_LT_SKU"] = sku
-            command = locust_argv(args, host, sku, record, reports)
-            log(f"locust: {' '.join(command[2:])}")
-            locust_rc = subprocess.run(command, env=env, cwd=REPO).returncode
-            log(f"locust exited with {locust_rc}; report {reports / 'report.html'}")
-            if args.no_verify:
-                return locust_rc
-            sold_out = expect_sold_out(args.expect_sold_out, reports / "outcomes.json")
-            if sold_out:
-                verify_argv.append("--expect-sold-out")
-            if args.host:  # the deployment's orders store, only when named (not ./orders.db)
-                verify_argv += (["--wait-delivery", str(args.wait_delivery)]
-                                if os.environ.get("SECKILL_DATABASE_URL") else ["--no-db"])
-            log(f"verify: python -m loadtest.verify {' '.join(verify_argv)}")
-            saved = dict(os.environ)
-            os.environ.update(env)  # the verifier reads SECKILL_* like the gateway does
-            try:
-                verify_rc = verify.main(verify_argv)
-            finally:
-                os.environ.clear()
-                os.environ.update(saved)
-            log(f"verifier exited with {verify_rc}")
-            return verify_rc or locust_rc
+            return run(args, stack)
         except KeyboardInterrupt:
             log("interrupted; stopping what was started")
             return 130
-        except RuntimeError as exc:
+        except (NotReady, ClusterNotReady, FileNotFoundError) as exc:
             log(f"error: {exc}")
             return 2
 

@@ -1,0 +1,287 @@
+"""The record file of a load run: what the clients saw, one JSON object a line.
+
+The Locust scenarios write it (``locustfile.py``); the verifier and the timeline read
+it. Writer and readers share this module so that they cannot drift apart. Every line
+carries an ``event`` (lines without one are ``admitted``: files written before events
+existed) and ``ts``, the client's clock in unix seconds when it got the answer:
+
+``admitted``  a ``200 OK`` (``status`` 200), or the 200 original carried in a
+              ``409 IDEMPOTENT_CONFLICT`` (``status`` 409): ``sku``, ``order_no``,
+              ``units``, ``user_id``, ``key``, ``replayed``, ``scenario``.
+``payment``   a signed notice sent to the orders service: ``sku``, ``order_no``,
+              ``notify_id``, ``amount``, ``late`` (sent after the payment deadline on
+              purpose), the answer's ``status`` and ``code``, ``state`` (the order's
+              state in the answer, if any), ``scenario``.
+``cancel``    ``POST /orders/{no}/cancel`` at the orders service: ``sku``, ``order_no``,
+              ``status``, ``code``, ``scenario``.
+``sale``      the run created a sale, found it, or could not create it: ``sku``,
+              ``scenario``, ``outcome`` (``created``, ``exists``, ``unsupported``,
+              ``failed``), ``stock``, ``per_user_limit``, ``shards``, ``starts_at_ms``,
+              ``payment_ttl``, ``message``.
+
+Nothing here does I/O but :func:`read_record` (and the writer's caller): the parsing is
+pure so that it is tested without Locust.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+ADMITTED = "admitted"
+PAYMENT = "payment"
+CANCEL = "cancel"
+SALE = "sale"
+
+#: Sale outcomes after which the sale exists and its invariants can be checked.
+SALE_USABLE = ("created", "exists")
+
+
+@dataclass(frozen=True, slots=True)
+class Admission:
+    """A ``200 OK`` seen by a client (or the 200 original of a 409). ``sku`` is None for
+    lines of old files that did not name it: they belong to the sale being verified."""
+
+    line: int
+    sku: str | None
+    order_no: str
+    units: tuple[int, ...]
+    user_id: int
+    key: str | None = None
+    status: int = 200
+    scenario: str = ""
+    ts: float | None = None
+    replayed: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class PaymentCall:
+    """A payment notice a scenario sent, and what the orders service answered."""
+
+    line: int
+    sku: str | None
+    order_no: str
+    notify_id: str
+    amount: int
+    late: bool
+    status: int
+    code: str
+    state: str = ""
+    scenario: str = ""
+    ts: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class CancelCall:
+    line: int
+    sku: str | None
+    order_no: str
+    status: int
+    code: str
+    scenario: str = ""
+    ts: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class SaleNote:
+    """A sale a scenario set up (or could not), with the settings it asked for."""
+
+    line: int
+    sku: str
+    scenario: str
+    outcome: str
+    stock: int | None = None
+    per_user_limit: int | None = None
+    shards: int | None = None
+    starts_at_ms: int | None = None
+    payment_ttl: int | None = None
+    message: str = ""
+    ts: float | None = None
+
+    @property
+    def usable(self) -> bool:
+        return self.outcome in SALE_USABLE
+
+
+@dataclass(slots=True)
+class Record:
+    """Everything a record file holds, for every SKU."""
+
+    admissions: list[Admission] = field(default_factory=list)
+    payments: list[PaymentCall] = field(default_factory=list)
+    cancels: list[CancelCall] = field(default_factory=list)
+    sales: list[SaleNote] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)  # malformed lines, as messages
+
+    def admissions_for(self, sku: str) -> list[Admission]:
+        return [a for a in self.admissions if a.sku in (None, sku)]
+
+    def payments_for(self, sku: str) -> list[PaymentCall]:
+        return [p for p in self.payments if p.sku in (None, sku)]
+
+    def cancels_for(self, sku: str) -> list[CancelCall]:
+        return [c for c in self.cancels if c.sku in (None, sku)]
+
+    def sale(self, sku: str) -> SaleNote | None:
+        """The last note about ``sku`` (a run notes each sale once)."""
+        notes = [s for s in self.sales if s.sku == sku]
+        return notes[-1] if notes else None
+
+
+# -- writing -------------------------------------------------------------------------------
+
+def line(entry: dict[str, Any]) -> bytes:
+    """One record line (compact JSON and a newline): written with a single ``write()``
+    on an ``O_APPEND`` descriptor, lines from several processes never interleave."""
+    return orjson.dumps(entry) + b"\n"
+
+
+def admitted_entry(*, sku: str, order_no: str, units: Iterable[int], user_id: int, key: str | None,
+                   status: int, replayed: bool, scenario: str, ts: float) -> dict[str, Any]:
+    return {"event": ADMITTED, "ts": round(ts, 3), "sku": sku, "order_no": order_no,
+            "units": list(units), "user_id": user_id, "key": key, "status": status,
+            "replayed": replayed, "scenario": scenario}
+
+
+def payment_entry(*, sku: str, order_no: str, notify_id: str, amount: int, late: bool, status: int,
+                  code: str, state: str, scenario: str, ts: float) -> dict[str, Any]:
+    return {"event": PAYMENT, "ts": round(ts, 3), "sku": sku, "order_no": order_no,
+            "notify_id": notify_id, "amount": amount, "late": late, "status": status, "code": code,
+            "state": state, "scenario": scenario}
+
+
+def cancel_entry(*, sku: str, order_no: str, status: int, code: str, scenario: str,
+                 ts: float) -> dict[str, Any]:
+    return {"event": CANCEL, "ts": round(ts, 3), "sku": sku, "order_no": order_no,
+            "status": status, "code": code, "scenario": scenario}
+
+
+def sale_entry(*, sku: str, scenario: str, outcome: str, ts: float, stock: int | None = None,
+               per_user_limit: int | None = None, shards: int | None = None,
+               starts_at_ms: int | None = None, payment_ttl: int | None = None,
+               message: str = "") -> dict[str, Any]:
+    return {"event": SALE, "ts": round(ts, 3), "sku": sku, "scenario": scenario, "outcome": outcome,
+            "stock": stock, "per_user_limit": per_user_limit, "shards": shards,
+            "starts_at_ms": starts_at_ms, "payment_ttl": payment_ttl, "message": message}
+
+
+# -- reading -------------------------------------------------------------------------------
+
+def _opt_str(data: dict[str, Any], name: str) -> str | None:
+    value = data.get(name)
+    return None if value is None else str(value)
+
+
+def _opt_int(data: dict[str, Any], name: str) -> int | None:
+    value = data.get(name)
+    return None if value is None else int(value)
+
+
+def _opt_float(data: dict[str, Any], name: str) -> float | None:
+    value = data.get(name)
+    return None if value is None else float(value)
+
+
+def _admission(number: int, data: dict[str, Any]) -> Admission:
+    return Admission(
+        line=number, sku=_opt_str(data, "sku"), order_no=str(data["order_no"]),
+        units=tuple(int(u) for u in data["units"]), user_id=int(data["user_id"]),
+        key=_opt_str(data, "key"), status=int(data.get("status", 200)),
+        scenario=str(data.get("scenario", "")), ts=_opt_float(data, "ts"),
+        replayed=bool(data.get("replayed", False)))
+
+
+def _payment(number: int, data: dict[str, Any]) -> PaymentCall:
+    return PaymentCall(
+        line=number, sku=_opt_str(data, "sku"), order_no=str(data["order_no"]),
+        notify_id=str(data["notify_id"]), amount=int(data["amount"]), late=bool(data.get("late", False)),
+        status=int(data["status"]), code=str(data.get("code", "")), state=str(data.get("state") or ""),
+        scenario=str(data.get("scenario", "")), ts=_opt_float(data, "ts"))
+
+
+def _cancel(number: int, data: dict[str, Any]) -> CancelCall:
+    return CancelCall(
+        line=number, sku=_opt_str(data, "sku"), order_no=str(data["order_no"]),
+        status=int(data["status"]), code=str(data.get("code", "")),
+        scenario=str(data.get("scenario", "")), ts=_opt_float(data, "ts"))
+
+
+def _sale(number: int, data: dict[str, Any]) -> SaleNote:
+    return SaleNote(
+        line=number, sku=str(data["sku"]), scenario=str(data.get("scenario", "")),
+        outcome=str(data["outcome"]), stock=_opt_int(data, "stock"),
+        per_user_limit=_opt_int(data, "per_user_limit"), shards=_opt_int(data, "shards"),
+        starts_at_ms=_opt_int(data, "starts_at_ms"), payment_ttl=_opt_int(data, "payment_ttl"),
+        message=str(data.get("message") or ""), ts=_opt_float(data, "ts"))
+
+
+def parse_line(number: int, raw: bytes, into: Record) -> None:
+    """Add one line to ``into`` (a malformed line becomes an error message)."""
+    if not raw.strip():
+        return
+    try:
+        data = orjson.loads(raw)
+        if not isinstance(data, dict):
+            raise TypeError("not a JSON object")
+        event = data.get("event", ADMITTED)
+        if event == ADMITTED:
+            into.admissions.append(_admission(number, data))
+        elif event == PAYMENT:
+            into.payments.append(_payment(number, data))
+        elif event == CANCEL:
+            into.cancels.append(_cancel(number, data))
+        elif event == SALE:
+            into.sales.append(_sale(number, data))
+        else:
+            raise ValueError(f"unknown event {event!r}")
+    except (orjson.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+        into.errors.append(f"line {number}: {type(exc).__name__}: {raw[:120]!r}")
+
+
+def parse_lines(lines: Iterable[bytes]) -> Record:
+    record = Record()
+    for number, raw in enumerate(lines, 1):
+        parse_line(number, raw, record)
+    return record
+
+
+def read_record(path: str | Path | None) -> Record:
+    """The record file's events (an empty record when there is no file)."""
+    if path is None or not Path(path).exists():
+        return Record()
+    with open(path, "rb") as fh:
+        return parse_lines(fh)
+
+
+def epoch_ms(value: Any) -> int | None:
+    """A moment as epoch milliseconds, from what a gateway may send or store: RFC 3339
+    text (``2026-12-01T12:00:00Z``), or a number of seconds or milliseconds. None when
+    absent or unreadable: callers treat an unknown moment as unknown, not as 0."""
+    if value is None or isinstance(value, bool):
+        return None
+    if isinstance(value, int | float):
+        return int(value if value > 10**11 else value * 1000)
+    text = str(value).strip()
+    if not text:
+        return None
+    try:
+        return int(float(text) if float(text) > 10**11 else float(text) * 1000)
+    except ValueError:
+        pass
+    try:
+        when = datetime.fromisoformat(text.replace("z", "Z"))
+    except ValueError:
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return int(when.timestamp() * 1000)
+
+
+def rfc3339(ms: int) -> str:
+    """Epoch milliseconds as RFC 3339 UTC with whole seconds (``…T12:00:00Z``)."""
+    return datetime.fromtimestamp(ms / 1000, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
