@@ -28,7 +28,7 @@ from gateway.admission.soldout import SoldOut
 from gateway.admission.tokens import TokenIssuer
 from gateway.aio import cancel_and_wait
 from gateway.config import Settings
-from gateway.delivery.relay import Relay
+from gateway.delivery.relay import Relay, RelayConfig
 from gateway.http.admin import sale_settings
 from gateway.http.auth import Authenticator
 from gateway.http.context import GATEWAY
@@ -70,6 +70,7 @@ class Gateway:
     log_throttle: LogThrottle = field(default_factory=LogThrottle)
     tasks: list[asyncio.Task[Any]] = field(default_factory=list)
     relay: Relay | None = None
+    relay_consumer: str | None = None
     _issuer: TokenIssuer | None = None
     _gauged: set[str] = field(default_factory=set)  # SKUs with a units_remaining series
     _admin_work: set[asyncio.Task[Any]] = field(default_factory=set)  # creations, deletions
@@ -157,7 +158,9 @@ class Gateway:
         self.tasks.append(asyncio.create_task(
             self.rebalancer.sweep_forever(observe=self._show_remaining), name="transfer-sweep"))
         if self.settings.relay and self.settings.upstream_url:
-            self.relay = Relay.from_settings(self.settings, self.metrics)
+            overrides = {"consumer": self.relay_consumer} if self.relay_consumer else {}
+            self.relay = Relay.from_settings(
+                self.settings, self.metrics, RelayConfig.from_settings(self.settings, **overrides))
             self.relay.start()
 
     def _show_remaining(self, remaining: dict[str, int]) -> None:
@@ -209,9 +212,12 @@ class Gateway:
             await asyncio.sleep(0.05)
 
 
-def create_app(settings: Settings, client: RedisClient | None = None) -> web.Application:
+def create_app(settings: Settings, client: RedisClient | None = None, *,
+               relay_consumer: str | None = None) -> web.Application:
+    """``relay_consumer``: the in-process relay's consumer name (default: host and pid)."""
     app = web.Application(middlewares=[guard], client_max_size=settings.max_body_bytes)
     gateway = Gateway.build(settings, client)
+    gateway.relay_consumer = relay_consumer
     app[GATEWAY] = gateway
     app[METRIC_CHILDREN] = {}
     # Read at scrape time: nothing to keep in step on the request path.

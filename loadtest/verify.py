@@ -249,12 +249,14 @@ def order_from_record(record: Mapping[str, str]) -> Order:
 
 
 async def read_sale_record(store: Store, sku: str) -> dict[str, Any]:
-    raw = await store.client.get(store.keys.sale(sku))
-    try:
-        data = orjson.loads(raw) if raw else {}
-    except orjson.JSONDecodeError:
+    """The stored sale's settings (its window in epoch ms; 0: none), whatever its state."""
+    found = await store.sale_record(sku)
+    if found is None:
         return {}
-    return data if isinstance(data, dict) else {}
+    sale, state = found
+    return {"state": state, "stock": sale.stock, "shards": sale.shards,
+            "starts_at_ms": sale.starts_at or None, "ends_at_ms": sale.ends_at or None,
+            "payment_ttl": sale.payment_ttl}
 
 
 async def read_redis(store: Store, sku: str) -> Snapshot:

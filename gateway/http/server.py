@@ -8,6 +8,7 @@ import gc
 import logging
 import os
 import signal
+import socket
 from collections.abc import Awaitable, Callable
 
 import uvloop
@@ -160,9 +161,12 @@ def serve_gateway(settings: Settings, host: str, port: int, workers: int = 1) ->
     from gateway.app import create_app
 
     def make_app(worker: WorkerInfo | None) -> web.Application:
-        app = create_app(settings)
-        if worker is not None:
-            app[GATEWAY].metrics.worker_restarts.read = worker.restarts
+        if worker is None:
+            return create_app(settings)
+        # The relay of a worker that died is named like its replacement's: the new
+        # worker reads its predecessor's pending entries at once, not after the claim time.
+        app = create_app(settings, relay_consumer=f"{socket.gethostname()}-{port}-w{worker.slot}")
+        app[GATEWAY].metrics.worker_restarts.read = worker.restarts
         return app
 
     return run(make_app, host, port, workers)

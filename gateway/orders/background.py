@@ -19,6 +19,7 @@ from collections.abc import Awaitable, Callable
 from urllib.parse import quote
 
 import aiohttp
+import orjson
 from redis.backoff import EqualJitterBackoff
 from yarl import URL
 
@@ -100,7 +101,7 @@ class ReleaseSender:
                     headers=self.headers,
                     timeout=aiohttp.ClientTimeout(total=self.config.timeout)) as resp:
                 status = resp.status
-                await resp.read()
+                body = await resp.read()
         except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
             if self._throttle.allow("release-unreachable"):
                 log.warning("gateway unreachable; releases are retried",
@@ -108,13 +109,23 @@ class ReleaseSender:
             return Sent.RETRY
         if status == 200:
             return Sent.RELEASED
-        if status == 404:
+        if status == 404 and _code_of(body) == "ORDER_NOT_FOUND":
+            # The gateway does not know the order. Any other 404 (no such route: a wrong
+            # SECKILL_GATEWAY_URL, an old gateway) is a fault to retry, or units are lost.
             return Sent.UNKNOWN_ORDER
         if self._throttle.allow(f"release-{status}"):
             hint = " (check SECKILL_ADMIN_TOKEN)" if status in (401, 403) else ""
             log.warning(f"the gateway answered {status} to a release{hint}; retrying",
                         extra={"order_no": release.order_no, "attempts": release.attempts})
         return Sent.RETRY
+
+
+def _code_of(body: bytes) -> str:
+    try:
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return ""
+    return str(data.get("code", "")) if isinstance(data, dict) else ""
 
 
 class Expirer:
