@@ -92,7 +92,9 @@ class Gateway:
                  user_limiter=RateLimiter(settings.rate_limit_user),
                  ip_limiter=RateLimiter(settings.rate_limit_ip),
                  openapi_json=orjson.dumps(build_openapi()))
-        gw.purchases = PurchaseService(settings, store, sales, sold_out, rebalancer, gw.token_issuer)
+        fast = {path: metrics.fast_answers.labels(path) for path in ("window", "sold_out")}
+        gw.purchases = PurchaseService(settings, store, sales, sold_out, rebalancer, gw.token_issuer,
+                                       on_fast_answer=lambda path: fast[path].inc())
         return gw
 
     async def token_issuer(self) -> TokenIssuer:
@@ -157,6 +159,8 @@ class Gateway:
     def start_background(self) -> None:
         self.tasks.append(asyncio.create_task(
             self.rebalancer.sweep_forever(observe=self._show_remaining), name="transfer-sweep"))
+        self.tasks.append(asyncio.create_task(
+            self.sold_out.watch_forever(self.sales.cached), name="sold-out-watch"))
         if self.settings.relay and self.settings.upstream_url:
             overrides = {"consumer": self.relay_consumer} if self.relay_consumer else {}
             self.relay = Relay.from_settings(
@@ -181,6 +185,7 @@ class Gateway:
             await asyncio.wait(list(self._admin_work), timeout=10.0)
         await cancel_and_wait(self.tasks)
         await self.rebalancer.aclose()
+        await self.sold_out.aclose()
         if self.store.batcher is not None:
             await self.store.batcher.aclose()  # type: ignore[attr-defined]
         await self.store.close()

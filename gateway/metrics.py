@@ -28,6 +28,10 @@ class Metrics:
         self.in_flight = Gauge("seckill_in_flight_requests", "requests being handled", registry=r)
         self.shed = Counter("seckill_shed", "requests refused to protect the gateway", ("reason",),
                             registry=r)
+        self.fast_answers = Counter("seckill_fast_path_answers", "purchases answered from process "
+                                    "memory, with no Redis call (window: before the start or after "
+                                    "the end; sold_out: a sale known to be sold out)", ("path",),
+                                    registry=r)
         self.moves = Counter("seckill_unit_moves", "unit moves between shards", registry=r)
         self.batch_size = Histogram("seckill_redis_batch_size", "script calls sent in one pipeline",
                                     buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), registry=r)

@@ -15,11 +15,11 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from gateway.admission.moves import Rebalancer, Refill
-from gateway.admission.outcomes import Outcome, render
+from gateway.admission.outcomes import STATUS, Outcome, outcome_body, render
 from gateway.admission.sales import SaleCache
 from gateway.admission.soldout import SoldOut
 from gateway.admission.tokens import TokenIssuer
-from gateway.admission.window import check_window, ended, not_started
+from gateway.admission.window import ended, not_started, outside
 from gateway.clock import now_ms
 from gateway.config import Settings
 from gateway.http.errors import ApiError, bad_request, unavailable
@@ -29,6 +29,8 @@ from gateway.store.scripts.purchase import Code
 from gateway.store.store import Store
 
 MAX_ATTEMPTS = 16
+
+SOLD_OUT = Outcome(STATUS["SOLD_OUT"], outcome_body("SOLD_OUT", "", 0, "", ()))
 
 # What a shard that is short records once a refill has looked at the whole sale.
 SHORT_OUTCOME = {Refill.SOLD_OUT: "SOLD_OUT", Refill.INSUFFICIENT: "INSUFFICIENT_STOCK"}
@@ -42,6 +44,7 @@ class PurchaseService:
     sold_out: SoldOut
     rebalancer: Rebalancer
     token_issuer: Callable[[], Awaitable[TokenIssuer]]
+    on_fast_answer: Callable[[str], None] = lambda path: None  # e.g. a metric per path
 
     async def buy(self, user_id: int, sku: str, key: str, quantity: int) -> Outcome:
         sale = await self.sales.get(sku)
@@ -49,9 +52,17 @@ class PurchaseService:
             raise ApiError(404, "SALE_NOT_FOUND", "no sale for this SKU")
         if quantity > sale.per_user_limit:
             raise bad_request(f"quantity must be between 1 and {sale.per_user_limit}")
-        check_window(sale, now_ms())  # from this process's memory of the sale: no Redis call
+        refused = outside(sale, now_ms())  # from this process's memory: no Redis call
+        if refused is not None:
+            self.on_fast_answer("window")
+            raise refused
         if self.settings.key_mode == "token" and not (await self.token_issuer()).verify(key, user_id):
             raise ApiError(403, "TOKEN_INVALID", "the key is not a token issued to you, or it expired")
+        if self.sold_out.answers(sale, user_id):
+            # Known sold out, and no other outcome can be stored against this user's keys:
+            # answered from memory, not recorded (a key may buy if units come back).
+            self.on_fast_answer("sold_out")
+            return SOLD_OUT
         return await self._admit(sale, user_id, key, quantity)
 
     async def _admit(self, sale: Sale, user_id: int, key: str, quantity: int) -> Outcome:

@@ -36,5 +36,10 @@ class SaleCache:
             self._entries[sku] = entry
         return entry.sale
 
+    def cached(self, sku: str) -> Sale | None:
+        """The sale as this process remembers it (no Redis call; None: not remembered)."""
+        entry = self._entries.get(sku)
+        return entry.sale if entry is not None else None
+
     def forget(self, sku: str) -> None:
         self._entries.pop(sku, None)

@@ -2,56 +2,138 @@
 
 Decided only after a consistent read of every shard (``admission.moves``) and recorded
 in Redis only if no unit came back since the decision began (``mark_sold_out.lua``
-compares a counter of returns: a mark can never outlive units given back). Every gateway
-process reads it, and remembers it for ``memory_ttl`` seconds so that a crowd on an
-empty sale does not re-read it per request. ``units_returned`` is the other side: a
-refused, expired or cancelled order gave units back.
+compares a counter of returns: a mark can never outlive units given back).
+
+The fast path. Once a process knows a sale is sold out, it answers 410 from memory,
+with no Redis call and nothing recorded (the contract allows it), to every buyer whose
+key cannot hold another outcome: a user with no outcome but SOLD_OUT recorded on the
+sale. Those who have one (buyers, also those whose order went back since, and those
+refused for their limit) still go to Redis, where their key may carry a 200 to replay.
+The set of such users is loaded when the process learns the sale is sold out; while it
+stays sold out nobody joins it (no purchase can succeed). A watcher re-reads the sold-out
+state of every sale answered this way every ``watch_every`` seconds: when units come back
+(a refused, expired or cancelled order), every process stops within that time; and a
+process that cannot confirm the state for ``stale_after`` seconds (Redis unreachable)
+stops too.
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from gateway.models import Sale
+from gateway.store.connection import RedisOutage
 from gateway.store.store import SoldOutState, Store
+
+log = logging.getLogger("gateway.soldout")
+
+
+@dataclass(slots=True)
+class _Known:
+    """A sale this process knows to be sold out."""
+
+    generation: str
+    touched: frozenset[int]  # users with another outcome recorded: they go to Redis
+    confirmed: float         # time.monotonic() of the last read that said sold out
 
 
 @dataclass(slots=True)
 class SoldOut:
     store: Store
-    memory_ttl: float = 0.5
-    _known_until: dict[str, float] = field(default_factory=dict)
+    watch_every: float = 0.2
+    stale_after: float = 1.0
+    _known: dict[str, _Known] = field(default_factory=dict)
+    _learning: dict[str, asyncio.Task[None]] = field(default_factory=dict)
 
     def known(self, sku: str) -> bool:
-        """Known, within the last ``memory_ttl`` seconds, to have no units anywhere."""
-        return self._known_until.get(sku, 0.0) > time.monotonic()
+        """Known (and confirmed within ``stale_after`` seconds) to have no units anywhere."""
+        entry = self._known.get(sku)
+        return entry is not None and time.monotonic() - entry.confirmed < self.stale_after
+
+    def answers(self, sale: Sale, user_id: int) -> bool:
+        """Whether this user's purchase can be answered 410 from memory (see above)."""
+        entry = self._known.get(sale.sku)
+        return (entry is not None and entry.generation == sale.generation
+                and user_id not in entry.touched
+                and time.monotonic() - entry.confirmed < self.stale_after)
 
     async def read(self, sale: Sale) -> SoldOutState:
         """The shared state, read before a consistent read of the shards (its counter
-        of returns is what ``confirm`` compares); remembered when sold out."""
+        of returns is what ``confirm`` compares). Sold out: the fast path is prepared."""
         state = await self.store.sold_out_state(sale)
         if state.sold_out:
-            self._remember(sale.sku)
+            self._learn(sale)
         return state
 
     async def confirm(self, sale: Sale, seen: SoldOutState) -> bool:
         """A consistent read of every shard, begun after ``seen`` was read, found no unit
         and no move in flight. Recorded (and True) unless units came back meanwhile."""
         if await self.store.mark_sold_out(sale, seen):
-            self._remember(sale.sku)
+            self._learn(sale)
             return True
         return False
 
     async def units_returned(self, sku: str) -> None:
         """Units came back to the sale: whatever was known about it is stale."""
-        self._known_until.pop(sku, None)
+        self.forget(sku)
         await self.store.count_return(sku)
 
     def forget(self, sku: str) -> None:
-        self._known_until.pop(sku, None)
+        self._known.pop(sku, None)
 
-    def _remember(self, sku: str) -> None:
-        if len(self._known_until) > 10_000:
-            self._known_until.clear()
-        self._known_until[sku] = time.monotonic() + self.memory_ttl
+    def _learn(self, sale: Sale) -> None:
+        """Load, in the background, who must still go to Redis; then answer the others."""
+        entry = self._known.get(sale.sku)
+        if entry is not None and entry.generation == sale.generation:
+            entry.confirmed = time.monotonic()
+            return
+        if sale.sku in self._learning:
+            return
+        task = asyncio.get_running_loop().create_task(self._load(sale))
+        self._learning[sale.sku] = task
+        task.add_done_callback(lambda _: self._learning.pop(sale.sku, None))
+
+    async def _load(self, sale: Sale) -> None:
+        with RedisOutage() as outage:
+            # Sold out first, then the users: nobody is added to them while it stays so.
+            touched = await self.store.touched_users(sale)
+            still = await self.store.sold_out_state(sale)
+            if still.sold_out:
+                if len(self._known) > 10_000:
+                    self._known.clear()
+                self._known[sale.sku] = _Known(sale.generation, frozenset(touched), time.monotonic())
+        if outage.error:
+            log.warning("could not load a sold-out sale's buyers", extra={"sku": sale.sku})
+
+    async def watch_forever(self, cached: Callable[[str], Sale | None]) -> None:
+        """Keep what this process knows current (``cached``: the process's memory of a
+        sale, without a Redis call)."""
+        outage = RedisOutage()
+        while True:
+            await asyncio.sleep(self.watch_every)
+            watched = [sale for sale in map(cached, list(self._known)) if sale is not None]
+            for sku in [sku for sku in self._known if cached(sku) is None]:
+                self.forget(sku)
+            if not watched:
+                continue
+            with outage:
+                states = await self.store.sold_out_states(watched)
+                now = time.monotonic()
+                for sale, state in zip(watched, states):
+                    entry = self._known.get(sale.sku)
+                    if entry is None:
+                        continue
+                    if state.sold_out and entry.generation == sale.generation:
+                        entry.confirmed = now
+                    else:
+                        self.forget(sale.sku)
+            # On an outage, entries age past ``stale_after`` and the fast path stops.
+
+    async def aclose(self) -> None:
+        for task in list(self._learning.values()):
+            task.cancel()
+        await asyncio.gather(*self._learning.values(), return_exceptions=True)

@@ -15,11 +15,13 @@ from gateway.http.errors import ApiError
 from gateway.models import Sale
 
 
-def check_window(sale: Sale, now: int) -> None:
+def outside(sale: Sale, now: int) -> ApiError | None:
+    """The refusal of a purchase at ``now`` (None: the window is open)."""
     if sale.starts_at and now < sale.starts_at:
-        raise not_started(sale.starts_at, now)
+        return not_started(sale.starts_at, now)
     if sale.ends_at and now >= sale.ends_at:
-        raise ended()
+        return ended()
+    return None
 
 
 def not_started(starts_at: int, now: int) -> ApiError:

@@ -74,6 +74,11 @@ class ShardKeys:
         return f"{self.tag}:buyers:{self.sku}"
 
     @property
+    def touched(self) -> str:
+        """Users with an outcome other than SOLD_OUT recorded in this shard."""
+        return f"{self.tag}:touched:{self.sku}"
+
+    @property
     def order_index(self) -> str:
         return f"{self.tag}:orders:{self.sku}"
 
@@ -103,7 +108,7 @@ class ShardKeys:
         """What ``close_shard.lua`` takes: every per-sale key of this shard (orders and
         idempotency records aside), the order index last."""
         return (self.stock, self.units, self.buyers, self.transfers_out, self.transfers_done,
-                self.transfers_in, self.order_index)
+                self.transfers_in, self.touched, self.order_index)
 
 
 @dataclass(frozen=True, slots=True)

@@ -259,6 +259,27 @@ class Store:
         seen = str(returns or "")
         return SoldOutState(at is not None and at == seen and generation == sale.generation, seen)
 
+    async def sold_out_states(self, sales: list[Sale]) -> list[SoldOutState]:
+        """The states of several sales in one round trip (per node)."""
+        pipe = self._pipeline()
+        for sale in sales:
+            pipe.hmget(self.keys.sold_out(sale.sku), "returns", "sold_out_at", "generation")
+        states = []
+        for sale, (returns, at, generation) in zip(sales, await pipe.execute()):
+            seen = str(returns or "")
+            states.append(SoldOutState(at is not None and at == seen and generation == sale.generation,
+                                       seen))
+        return states
+
+    async def touched_users(self, sale: Sale) -> set[int]:
+        """Users with an outcome other than SOLD_OUT recorded on the sale (buyers, also
+        those whose order went back since, and those refused for their limit or for too
+        large a quantity)."""
+        pipe = self._pipeline()
+        for shard in range(sale.shards):
+            pipe.smembers(self.keys.shard(sale.sku, shard).touched)
+        return {int(user) for members in await pipe.execute() for user in members}
+
     async def mark_sold_out(self, sale: Sale, seen: SoldOutState) -> bool:
         return await sold_out_script.mark(self.client, self.keys.sold_out(sale.sku), seen.returns,
                                           sale.generation)

@@ -12,7 +12,8 @@
     KEYS[4] shard pending transfers
     KEYS[5] shard finished transfers
     KEYS[6] shard applied transfers
-    KEYS[7] shard order index        (set of order_no)
+    KEYS[7] shard's users with a recorded outcome
+    KEYS[8] shard order index        (set of order_no)
 
     ARGV[1] generation to close ("" : whichever)
 
@@ -26,9 +27,9 @@ local generation = rcall("HGET", KEYS[1], "generation")
 if generation and ARGV[1] ~= "" and generation ~= ARGV[1] then
   return {0}
 end
-rcall("DEL", KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6])
+rcall("DEL", KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7])
 local reply = {1}
-for _, orderNo in ipairs(rcall("SMEMBERS", KEYS[7])) do
+for _, orderNo in ipairs(rcall("SMEMBERS", KEYS[8])) do
   reply[#reply + 1] = orderNo
 end
 return reply

@@ -24,6 +24,9 @@
     KEYS[5] order record         (hash, written only when admitted)
     KEYS[6] shard order index    (set of order_no of this sale in this shard)
     KEYS[7] shard purchase stream (the outbox the relay reads)
+    KEYS[8] shard's users with an outcome other than SOLD_OUT recorded (set of user ids:
+            a gateway process that knows the sale is sold out answers everyone else from
+            memory, since no other outcome can be stored against their keys)
 
     ARGV[1] user id
     ARGV[2] sku
@@ -69,6 +72,9 @@ local function record(outcome, orderNo, units)
   rcall("HSET", idemKey, "request", fingerprint, "attempt", ARGV[5], "outcome", outcome,
         "order_no", orderNo, "units", units, "order_status", "")
   rcall("EXPIRE", idemKey, tonumber(ARGV[7]))
+  if outcome ~= "SOLD_OUT" then
+    rcall("SADD", KEYS[8], userId)
+  end
 end
 
 -- 1. The sale, as this shard knows it, and its window.

@@ -68,7 +68,7 @@ async def run(runner: ScriptRunner, shard: ShardKeys, idempotency_key: str,
     raw = await SCRIPT(
         runner,
         (idempotency_key, shard.stock, shard.units, shard.buyers, shard.order(request.order_no),
-         shard.order_index, shard.stream),
+         shard.order_index, shard.stream, shard.touched),
         (request.user_id, request.sku, request.quantity, request.fingerprint, request.order_no,
          request.now_ms, request.outcome_ttl, request.shards, request.short_outcome))
     return decode(raw)
