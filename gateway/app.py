@@ -39,11 +39,11 @@ from gateway.http.routes import add_routes
 from gateway.logs import LogThrottle
 from gateway.metrics import Metrics
 from gateway.models import Order, Sale
-from gateway.store.connection import RedisClient, connect, is_redis_failure
+from gateway.store.connection import RedisClient, RedisOutage, connect, is_redis_failure
 from gateway.store.keys import KeySpace
 from gateway.store.scripts import purchase as purchase_script
 from gateway.store.store import Store
-from gateway.store.transport import make_batcher
+from gateway.store.transport import Batcher, make_batcher
 
 log = logging.getLogger("gateway")
 
@@ -79,8 +79,17 @@ class Gateway:
     def build(cls, settings: Settings, client: RedisClient | None = None) -> Gateway:
         client = client or connect(settings)
         metrics = Metrics()
+        warn = _Throttled(log, "purchases answered without a replica acknowledgement: "
+                               "a primary has no replica (GET /healthz names it)")
+
+        def unprotected(count: int) -> None:
+            metrics.unprotected.inc(count)
+            warn()
+
         batcher = make_batcher(client, settings, on_batch=metrics.batch_size.observe,
-                               must_replicate=purchase_script.admits)
+                               must_replicate=purchase_script.admits,
+                               replicated=purchase_script.needs_replicas,
+                               on_unprotected=unprotected)
         store = Store(client, KeySpace(settings.key_prefix), outcome_ttl=settings.idempotency_ttl,
                       batcher=batcher)
         sales = SaleCache(store)
@@ -133,6 +142,15 @@ class Gateway:
         task.add_done_callback(self._admin_work.discard)
         return await asyncio.shield(task)
 
+    def health(self) -> dict[str, Any]:
+        """What is degraded while Redis answers (for /healthz)."""
+        batcher = self.store.batcher
+        degraded = batcher.degraded() if isinstance(batcher, Batcher) else []
+        report: dict[str, Any] = {"degraded": degraded}
+        if self.relay is not None:
+            report["delivery"] = self.relay.state()
+        return report
+
     async def release_order(self, order_no: str, reason: str) -> Order | None:
         """Give an order's units back (``expired`` or ``cancelled``); the order as it is
         then (``released``; or what it was if it was settled otherwise already)."""
@@ -161,11 +179,20 @@ class Gateway:
             self.rebalancer.sweep_forever(observe=self._show_remaining), name="transfer-sweep"))
         self.tasks.append(asyncio.create_task(
             self.sold_out.watch_forever(self.sales.cached), name="sold-out-watch"))
+        if isinstance(self.store.batcher, Batcher):
+            self.tasks.append(asyncio.create_task(self._warm(self.store.batcher), name="warm"))
         if self.settings.relay and self.settings.upstream_url:
             overrides = {"consumer": self.relay_consumer} if self.relay_consumer else {}
             self.relay = Relay.from_settings(
                 self.settings, self.metrics, RelayConfig.from_settings(self.settings, **overrides))
             self.relay.start()
+
+    async def _warm(self, batcher: Batcher) -> None:
+        with RedisOutage() as outage:
+            await batcher.warm()
+        if outage.error:
+            log.warning("could not connect to every Redis node at start; connecting on demand",
+                        extra={"error": repr(outage.error)})
 
     def _show_remaining(self, remaining: dict[str, int]) -> None:
         gauge = self.metrics.units_remaining
@@ -215,6 +242,18 @@ class Gateway:
                             extra={"backlog": left})
                 return
             await asyncio.sleep(0.05)
+
+
+class _Throttled:
+    """A warning logged at most once per ``every`` seconds."""
+
+    def __init__(self, logger: logging.Logger, message: str, every: float = 10.0) -> None:
+        self.logger, self.message = logger, message
+        self.throttle = LogThrottle(every)
+
+    def __call__(self) -> None:
+        if self.throttle.allow(self.message):
+            self.logger.warning(self.message)
 
 
 def create_app(settings: Settings, client: RedisClient | None = None, *,

@@ -22,6 +22,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "key_mode": ("token", "client"),
     "duplicate_response": ("conflict", "replay"),
     "auth": ("header", "jwt"),
+    "replica_ack_policy": ("adaptive", "strict"),
 }
 
 
@@ -64,8 +65,15 @@ class Settings:
     # failover may then lose purchases already answered 200).
     replica_acks: int = -1
     replica_ack_timeout_ms: int = 200
+    # adaptive: a primary with fewer replicas than replica_acks waits for those it has
+    # (none: it answers without WAIT, counted and shown by /healthz); strict: refuse such
+    # purchases before running them (503, nothing admitted).
+    replica_ack_policy: str = "adaptive"
     # The relay claims purchase-stream entries another (dead) relay left pending this long.
     relay_claim_idle_ms: int = 60_000
+    # Refusals in a row (same status, distinct orders) after which delivery pauses instead
+    # of giving more units back: a wrong endpoint must not empty a sale.
+    relay_pause_after: int = 5
 
     def __post_init__(self) -> None:
         for name, allowed in _CHOICES.items():
@@ -86,6 +94,8 @@ class Settings:
             raise ConfigError(f"{ENV_PREFIX}REPLICA_ACKS must be -1 (auto) or between 0 and 16")
         if not 1 <= self.replica_ack_timeout_ms <= 10_000:
             raise ConfigError(f"{ENV_PREFIX}REPLICA_ACK_TIMEOUT_MS must be between 1 and 10000")
+        if not 1 <= self.relay_pause_after <= 10_000:
+            raise ConfigError(f"{ENV_PREFIX}RELAY_PAUSE_AFTER must be between 1 and 10000")
         if not 100 <= self.relay_claim_idle_ms <= 86_400_000:
             raise ConfigError(f"{ENV_PREFIX}RELAY_CLAIM_IDLE_MS must be between 100 and 86400000")
 

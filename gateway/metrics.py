@@ -32,6 +32,12 @@ class Metrics:
                                     "memory, with no Redis call (window: before the start or after "
                                     "the end; sold_out: a sale known to be sold out)", ("path",),
                                     registry=r)
+        self.unprotected = Counter("seckill_unprotected_purchases", "purchases answered 200 "
+                                   "without a replica's acknowledgement (their primary has no "
+                                   "replica: a failover of it would lose them)", registry=r)
+        self.relay_paused = Gauge("seckill_relay_paused", "1 while delivery is paused: the "
+                                  "endpoint refuses the relay's credentials, or refused too many "
+                                  "orders in a row (see /healthz)", registry=r)
         self.moves = Counter("seckill_unit_moves", "unit moves between shards", registry=r)
         self.batch_size = Histogram("seckill_redis_batch_size", "script calls sent in one pipeline",
                                     buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), registry=r)

@@ -29,9 +29,10 @@ from gateway.store.keys import KeySpace
 from gateway.store.scripts import Script
 from gateway.store.scripts.purchase import SCRIPT as PURCHASE
 from gateway.store.scripts.purchase import Code as Purchase
-from gateway.store.scripts.purchase import admits
+from gateway.store.scripts.purchase import admits, needs_replicas
 from gateway.store.store import Store
 from gateway.store.transport import Batcher, ClusterBatcher, StandaloneBatcher, batcher_for, make_batcher
+from gateway.store.transport.replication import ReplicasRefused, online_replicas
 
 # Adds ARGV[1] to the counter KEYS[1]; answers the key, the argument and the new value.
 COUNTER_SOURCE = """
@@ -489,40 +490,87 @@ def test_must_replicate_holds_only_answers_that_are_200s() -> None:
     assert not admits("0" * 40, [0, "3-ab", "5", 100])
 
 
-async def test_without_a_replica_admitted_purchases_fail_with_a_timeout(standalone_redis,
-                                                                         prefix) -> None:
-    """A server with no replica cannot confirm a purchase: the caller gets a timeout (the
-    HTTP layer's 503, "retry with the same key") instead of its 200; what is not a 200
-    passes, and so do other scripts' calls."""
+async def test_without_a_replica_purchases_are_answered_unprotected(standalone_redis, prefix) -> None:
+    """A primary with no replica cannot have a purchase copied anywhere, and nothing can
+    fail over to a replica it does not have: its purchases are answered without WAIT
+    (adaptive policy), each counted, and the node is named as degraded."""
     client = connect(_settings("standalone", standalone_redis.url))
-    acked = StandaloneBatcher(client, replica_acks=1, ack_timeout_ms=50, must_replicate=admits)
-    plain = StandaloneBatcher(client)
-    keys = KeySpace(prefix)
-    store = Store(client, keys, batcher=acked)
+    counted: list[int] = []
+    acked = StandaloneBatcher(client, replica_acks=1, ack_timeout_ms=50, must_replicate=admits,
+                              replicated=needs_replicas, on_unprotected=counted.append)
+    store = Store(client, KeySpace(prefix), batcher=acked)
     sale = Sale("sku-w", stock=10, shards=1)
     try:
         assert await store.create_sale(sale)
         await client.script_load(PURCHASE.source)
-        with pytest.raises(RedisTimeoutError, match="replication not confirmed: 0 of 1"):
-            await store.purchase(sale, 7, "key-0000007", 1, 0)
-        # The script ran; a resend meets the stored 200 and is held the same way.
-        with pytest.raises(RedisTimeoutError):
-            await store.purchase(sale, 7, "key-0000007", 1, 0)
-        # Not a 200: answered (and recorded) as usual.
-        other = await store.purchase(sale, 7, "key-other-7", 1, 0)
+        first = await store.purchase(sale, 7, "key-0000007", 1, 0)
+        assert first.code is Purchase.OK
+        again = await store.purchase(sale, 7, "key-0000007", 1, 0)  # the stored 200: counted too
+        assert (again.code, again.outcome) == (Purchase.DUPLICATE, "OK")
+        other = await store.purchase(sale, 7, "key-other-7", 1, 0)  # not a 200: not counted
         assert other.code is Purchase.ALREADY_PURCHASED
-        counter = script(COUNTER_SOURCE)
-        assert await counter(acked, [tagged(prefix, 0)], [2]) == [tagged(prefix, 0), "2", 2]
-        # Without acknowledgements the resend gets the stored 200.
-        reply = await Store(client, keys, batcher=plain).purchase(sale, 7, "key-0000007", 1, 0)
-        assert (reply.code, reply.outcome) == (Purchase.DUPLICATE, "OK")
-        many = await asyncio.gather(*(store.purchase(sale, u, f"key-{u:07d}", 1, 0)
-                                      for u in range(100, 105)), return_exceptions=True)
-        assert all(isinstance(r, RedisTimeoutError) for r in many), many
+        assert sum(counted) == 2
+        assert [(d["replicas"], d["wanted"]) for d in acked.degraded()] == [(0, 1)]
     finally:
-        for b in (acked, plain):
-            await b.aclose()
+        await acked.aclose()
         await client.aclose()
+
+
+async def test_strict_policy_refuses_before_running(standalone_redis, prefix) -> None:
+    """Strict: a node with fewer replicas than wanted gets no purchase at all (a 503 that
+    means nothing was admitted); other scripts' calls pass."""
+    client = connect(_settings("standalone", standalone_redis.url))
+    strict = StandaloneBatcher(client, replica_acks=1, ack_timeout_ms=50, strict=True,
+                               must_replicate=admits, replicated=needs_replicas)
+    store = Store(client, KeySpace(prefix), batcher=strict)
+    sale = Sale("sku-s", stock=10, shards=1)
+    try:
+        assert await store.create_sale(sale)  # (its shards are created through the batcher)
+        await client.script_load(PURCHASE.source)
+        await strict.warm()
+        with pytest.raises(ReplicasRefused):
+            await store.purchase(sale, 7, "key-0000007", 1, 0)
+        assert (await store.shard_states(sale))[0].remaining == 10  # nothing ran
+        assert not await client.exists(store.keys.shard(sale.sku, 0).idempotency(7, "key-0000007"))
+        counter = script(COUNTER_SOURCE)
+        assert await counter(strict, [tagged(prefix, 0)], [2]) == [tagged(prefix, 0), "2", 2]
+    finally:
+        await strict.aclose()
+        await client.aclose()
+
+
+async def test_a_replica_that_does_not_acknowledge_times_out_after_the_budget(prefix) -> None:
+    """A replica that is attached but silent (paused): WAIT is written again until the
+    budget is spent, then the caller hears "outcome unknown"; the script did run, and the
+    same key, once the replica is back, gets its 200."""
+    with LocalRedis() as primary:
+        assert primary.node is not None
+        with LocalRedis(extra_args=("--replicaof", primary.node.host, str(primary.node.port))) \
+                as replica:
+            client = connect(_settings("standalone", primary.url))
+            acked = StandaloneBatcher(client, replica_acks=1, ack_timeout_ms=50, ack_budget_ms=300,
+                                      must_replicate=admits, replicated=needs_replicas)
+            store = Store(client, KeySpace(prefix), batcher=acked)
+            sale = Sale("sku-r", stock=10, shards=1)
+            try:
+                for _ in range(200):  # until the replica is in sync
+                    if online_replicas(await client.execute_command("INFO", "replication")) == 1:
+                        break
+                    await asyncio.sleep(0.05)
+                assert await store.create_sale(sale)
+                await client.script_load(PURCHASE.source)
+                assert (await store.purchase(sale, 1, "key-0000001", 1, 0)).code is Purchase.OK
+                replica.pause()
+                try:
+                    with pytest.raises(RedisTimeoutError, match=r"after [2-9]\d* WAIT"):
+                        await store.purchase(sale, 7, "key-0000007", 1, 0)
+                finally:
+                    replica.resume()
+                reply = await store.purchase(sale, 7, "key-0000007", 1, 0)
+                assert (reply.code, reply.outcome) == (Purchase.DUPLICATE, "OK")
+            finally:
+                await acked.aclose()
+                await client.aclose()
 
 
 async def _wait_calls(nodes: list[LocalNode]) -> int:

@@ -55,6 +55,7 @@ from tests.support.services import (
 )
 
 SHARDS = 16
+NODE_TIMEOUT_S = 1.0
 PURCHASE_SHA = purchase_script.SCRIPT.sha
 
 
@@ -128,7 +129,8 @@ def _logs(*services: Service) -> str:
 
 @pytest.fixture
 def failover_cluster():
-    with LocalCluster(primaries=3, replicas_per_primary=1, node_timeout_ms=1000) as cluster:
+    with LocalCluster(primaries=3, replicas_per_primary=1,
+                      node_timeout_ms=int(NODE_TIMEOUT_S * 1000)) as cluster:
         yield cluster
 
 
@@ -163,7 +165,8 @@ def _percentile(values: list[float], q: float) -> float | None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("fault", ["primary-killed", "replica-link-down-then-primary-killed"])
+@pytest.mark.parametrize("fault", ["primary-killed", "replica-link-down-then-primary-killed",
+                                   "primary-lost-for-good"])
 async def test_redis_primary_killed_under_load(fault: str, failover_cluster: LocalCluster,
                                                tmp_path: Path):
     """``primary-killed``: SIGKILL under load. On one machine a plain SIGKILL loses no
@@ -176,9 +179,13 @@ async def test_redis_primary_killed_under_load(fault: str, failover_cluster: Loc
     were answered 200 and are lost with it: the verifier finds hundreds missing. With
     them (the default on a cluster with replicas) they were answered 503.
 
-    With acknowledgements the promoted primary confirms nothing until it has a replica
-    again, so the killed node is started again at once (empty: it rejoins as the
-    replica), as an orchestrator would; both times are measured."""
+    ``primary-lost-for-good``: SIGKILL, and the machine is gone: the node never comes
+    back. Its replica is promoted and has no replica of its own, so its purchases are
+    answered without a replica's acknowledgement (counted; /healthz names the node):
+    within node timeout + 2 s every shard sells again, at least 99 % of the answers after
+    that are a purchase's outcome, and nothing answered 200 is lost. In the other two the
+    killed node is started again at once (empty: it rejoins as the replica), as an
+    orchestrator would; both times are measured."""
     cluster = failover_cluster
     prefix = f"fo{uuid.uuid4().hex[:8]}"
     keys = KeySpace(prefix)
@@ -219,10 +226,20 @@ async def test_redis_primary_killed_under_load(fault: str, failover_cluster: Loc
                 promoted = await asyncio.to_thread(_wait_promoted, cluster, victim_slot, victim, 30)
                 t_promoted = time.monotonic()
                 assert promoted is replica
-                # The killed node comes back, empty, as the replica of the promoted one.
-                await asyncio.to_thread(cluster.restart, victim)
-                await asyncio.to_thread(cluster.wait_until_healthy, 30)
-                t_healthy = time.monotonic()
+                if fault == "primary-lost-for-good":
+                    t_healthy = t_promoted
+                    await asyncio.sleep(max(0.0, t_kill + NODE_TIMEOUT_S + 2 - time.monotonic()))
+                    t_settled = time.monotonic()
+                    await asyncio.sleep(3.0)  # buying goes on, without the lost node
+                    async with aiohttp.ClientSession() as session, \
+                            session.get(f"{gateway.base_url}/healthz") as resp:
+                        health = await resp.json()
+                    unprotected = await metric(gateway.base_url, "seckill_unprotected_purchases_total")
+                else:
+                    # The killed node comes back, empty, as the replica of the promoted one.
+                    await asyncio.to_thread(cluster.restart, victim)
+                    await asyncio.to_thread(cluster.wait_until_healthy, 30)
+                    t_healthy = time.monotonic()
 
                 def recovered() -> list:
                     return [a for a in load.successes()
@@ -271,7 +288,23 @@ async def test_redis_primary_killed_under_load(fault: str, failover_cluster: Loc
                 "violation_kinds": dict(Counter(v.kind for v in violations)),
                 "notes": snap.notes[:5],
             }
+            if fault == "primary-lost-for-good":
+                after = [a for a in load.attempts if a.sent >= t_settled]
+                good = [a for a in after if (a.status, a.code) in
+                        ((200, "OK"), (409, "IDEMPOTENT_CONFLICT"), (410, "SOLD_OUT"))]
+                report.update({
+                    "answers_after_node_timeout_plus_2s": len(after),
+                    "good_share_after": _r(len(good) / len(after)) if after else None,
+                    "shards_selling_after": sorted({a.shard for a in good if a.status == 200}),
+                    "unprotected_purchases": unprotected,
+                    "healthz_degraded": health.get("degraded"),
+                })
             _report(tmp_path, "failover-window", report)
+            if fault == "primary-lost-for-good":
+                assert after and len(good) >= 0.99 * len(after), report
+                assert set(report["shards_selling_after"]) == set(range(SHARDS)), report
+                assert unprotected > 0 and health["degraded"], report
+                assert any(d["replicas"] == 0 for d in health["degraded"]), report
 
             assert not unexpected, (unexpected[:5], _logs(gateway))
             assert first_ok is not None and first_ok - t_kill < 60, \

@@ -321,10 +321,14 @@ async def _wait_http(url: str) -> None:
     (200, b"not json", Verdict(True)),
     (409, b'{"code":"ORDER_EXISTS"}', Verdict(True)),
     (409, b"", Verdict(True)),
-    (409, b'{"code":"UNIT_TAKEN","units":[4,9]}', Verdict(False, "UNIT_TAKEN", (4,))),
-    (409, b'{"code":"UNIT_TAKEN"}', Verdict(False, "UNIT_TAKEN", (3, 4))),  # keep all back
-    (422, b'{"code":"AMOUNT"}', Verdict(False, "422 AMOUNT")),
-    (400, b"<html>", Verdict(False, "400")),
+    (409, b'{"code":"UNIT_TAKEN","units":[4,9]}', Verdict(False, "UNIT_TAKEN", (4,), 409)),
+    (409, b'{"code":"UNIT_TAKEN"}', Verdict(False, "UNIT_TAKEN", (3, 4), 409)),  # keep all back
+    (422, b'{"code":"AMOUNT"}', Verdict(False, "422 AMOUNT", status=422)),
+    (400, b"<html>", Verdict(False, "400", status=400)),
+    # Not a refusal of the order: the relay's credentials (a configuration fault).
+    (401, b'{"code":"UNAUTHENTICATED"}', Verdict(False, "401 UNAUTHENTICATED", status=401,
+                                                 misconfigured=True)),
+    (403, b"", Verdict(False, "403", status=403, misconfigured=True)),
     (500, b"", None), (503, b"", None), (429, b"", None), (408, b"", None), (302, b"", None),
 ])
 def test_answers_are_judged_by_the_contract(status: int, body: bytes, verdict):

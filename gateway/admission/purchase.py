@@ -28,7 +28,10 @@ from gateway.store.keys import shard_of
 from gateway.store.scripts.purchase import Code
 from gateway.store.store import Store
 
-MAX_ATTEMPTS = 16
+# Script calls (with unit moves between them) stop being started past this share of the
+# request deadline, so that the answer is a 503 that says nothing was admitted rather
+# than a deadline cutting a call whose outcome is then unknown.
+ATTEMPT_BUDGET = 0.6
 
 SOLD_OUT = Outcome(STATUS["SOLD_OUT"], outcome_body("SOLD_OUT", "", 0, "", ()))
 
@@ -73,7 +76,11 @@ class PurchaseService:
         # What to record when the shard is short: nothing yet (ask for units), until the
         # whole sale is known to be empty.
         short_outcome = ""
-        for attempt in range(MAX_ATTEMPTS):
+        loop = asyncio.get_running_loop()
+        stop_at = loop.time() + self.settings.request_timeout * ATTEMPT_BUDGET
+        attempt = -1
+        while attempt < 0 or loop.time() < stop_at:
+            attempt += 1
             shard = shard_of(user_id, sale.shards)
             reply = await self.store.purchase(sale, user_id, key, quantity, shard, short_outcome)
             code = reply.code
@@ -91,7 +98,7 @@ class PurchaseService:
                 if refill is Refill.RETRY or attempt >= 2:
                     # Near the end of a sale, crowds on several shards pull the last
                     # units back and forth; a short random pause lets one of them win.
-                    await asyncio.sleep(random.uniform(0, min(0.05, 0.002 * 2 ** attempt)))
+                    await asyncio.sleep(random.uniform(0, min(0.05, 0.002 * 2 ** min(attempt, 5))))
                 continue
             if code is Code.NOT_STARTED:  # this process's clock is ahead of Redis's
                 raise not_started(reply.at_ms, now_ms())

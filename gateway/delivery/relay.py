@@ -37,6 +37,7 @@ from gateway.admission.returns import Returns
 from gateway.admission.soldout import SoldOut
 from gateway.aio import cancel_and_wait
 from gateway.config import Settings
+from gateway.delivery.breaker import Breaker
 from gateway.delivery.endpoint import Verdict, judge, retry_after
 from gateway.delivery.streams import PurchaseStreams
 from gateway.metrics import Metrics
@@ -71,6 +72,8 @@ class RelayConfig:
     backoff_cap: float = 10.0
     drain_timeout: float = 10.0     # stop(): how long in-flight deliveries may finish
     forget_consumers_ms: int = 3_600_000  # drop idle consumers with nothing pending
+    pause_after: int = 5            # refusals in a row (same status) that pause delivery
+    probe_every: float = 5.0        # while paused: seconds between probes of the endpoint
 
     @classmethod
     def from_settings(cls, settings: Settings, **overrides: Any) -> RelayConfig:
@@ -79,7 +82,8 @@ class RelayConfig:
         idle time after which other relays take entries over."""
         idle_ms = settings.relay_claim_idle_ms
         values: dict[str, Any] = {"claim_idle_ms": idle_ms,
-                                  "claim_every": min(CLAIM_EVERY, idle_ms / 3000)}
+                                  "claim_every": min(CLAIM_EVERY, idle_ms / 3000),
+                                  "pause_after": settings.relay_pause_after}
         values.update(overrides)
         return cls(**values)
 
@@ -93,12 +97,15 @@ class Relay:
         self.store = store
         self.upstream_url = upstream_url
         self.upstream_token = upstream_token
+        self.admin_token: str | None = None  # for the standalone relay's resume endpoint
         self.metrics = metrics or Metrics()
         self.config = config or RelayConfig()
         self.owns_store = owns_store
         self.streams = PurchaseStreams(store.client, store.keys, self.config.group,
                                        self.config.consumer)
         self.returns = Returns(store, SoldOut(store))
+        self.breaker = Breaker(self.config.pause_after, self.config.probe_every)
+        self.metrics.relay_paused.set_function(lambda: 1.0 if self.breaker.paused else 0.0)
         self._backoff = EqualJitterBackoff(cap=self.config.backoff_cap,
                                            base=self.config.backoff_base)
         self._session: aiohttp.ClientSession | None = None
@@ -149,7 +156,9 @@ class Relay:
         await cancel_and_wait([*self._background, *self._readers.values()])
         pending = list(self._in_flight.values())
         if pending:
-            _, cut = await asyncio.wait(pending, timeout=self.config.drain_timeout)
+            # Paused, the deliveries wait for nothing that will come: cut them at once.
+            drain = 0.0 if self.breaker.paused else self.config.drain_timeout
+            _, cut = await asyncio.wait(pending, timeout=drain)
             await cancel_and_wait(list(cut))
             if cut:
                 log.warning("relay stopped with deliveries cut off", extra={"count": len(cut)})
@@ -302,12 +311,13 @@ class Relay:
         attempt = 0
         while True:
             wait = 0.0
+            await self.breaker.may_post()  # (paused: only one probe now and then)
             try:
                 async with self._session.post(self.upstream_url, data=body, headers=headers,
                                               allow_redirects=False) as response:
                     answer = await response.read()
                     verdict = judge(response.status, answer, purchase.units)
-                    if verdict is not None:
+                    if verdict is not None and self._decided(purchase, verdict):
                         return verdict
                     problem = f"HTTP {response.status}"
                     wait = retry_after(response.headers)
@@ -320,6 +330,20 @@ class Relay:
                             extra={"order_no": purchase.order_no, "attempt": attempt,
                                    "problem": problem})
             await asyncio.sleep(max(wait, self._pause(attempt)))
+
+    def _decided(self, purchase: Purchase, verdict: Verdict) -> bool:
+        """Whether the endpoint's verdict stands (False: delivery is paused by the breaker
+        and the order is posted again once it resumes)."""
+        if verdict.delivered:
+            self.breaker.delivered()
+            return True
+        if verdict.reason == "UNIT_TAKEN":
+            return True  # always genuine: a unit another order holds
+        return self.breaker.refused(verdict.status, purchase.order_no, verdict.misconfigured)
+
+    def state(self) -> dict[str, Any]:
+        """Delivering or paused, and why (for /healthz)."""
+        return self.breaker.state()
 
     async def _settle(self, purchase: Purchase, verdict: Verdict) -> None:
         """Record the verdict on the order. A missing order record (the sale was deleted)

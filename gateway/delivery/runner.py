@@ -5,6 +5,7 @@ scraped on)."""
 from __future__ import annotations
 
 import asyncio
+import hmac
 import logging
 import signal
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ from gateway.store.connection import is_redis_failure
 log = logging.getLogger("gateway.relay")
 
 RELAY: web.AppKey[Relay] = web.AppKey("relay")
+ADMIN_TOKEN: web.AppKey[str] = web.AppKey("admin_token")
 HEALTH_TIMEOUT = 2.0  # seconds a /healthz may wait for Redis (the relay's socket timeout is longer)
 
 
@@ -41,6 +43,7 @@ async def run_relay(settings: Settings, config: RelayConfig | None = None,
     """``seckill-gateway relay``: deliver until SIGTERM/SIGINT, then drain and stop.
     The metrics endpoint stays up while the relay drains, and stops last."""
     relay = Relay.from_settings(settings, Metrics(), config=config)
+    relay.admin_token = settings.admin_token
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -57,7 +60,8 @@ async def run_relay(settings: Settings, config: RelayConfig | None = None,
 
 async def serve_metrics(relay: Relay, at: MetricsAddress) -> web.AppRunner:
     """Start the relay's ``/metrics`` and ``/healthz``; a port in use is a setting to fix."""
-    runner = web.AppRunner(metrics_app(relay), access_log=None, handle_signals=False)
+    runner = web.AppRunner(metrics_app(relay, relay.admin_token), access_log=None,
+                           handle_signals=False)
     await runner.setup()
     try:
         await web.TCPSite(runner, at.host, at.port).start()
@@ -68,11 +72,13 @@ async def serve_metrics(relay: Relay, at: MetricsAddress) -> web.AppRunner:
     return runner
 
 
-def metrics_app(relay: Relay) -> web.Application:
+def metrics_app(relay: Relay, admin_token: str | None = None) -> web.Application:
     app = web.Application()
     app[RELAY] = relay
+    app[ADMIN_TOKEN] = admin_token or ""
     app.router.add_get("/metrics", _metrics)
     app.router.add_get("/healthz", _healthz)
+    app.router.add_post("/admin/delivery/resume", _resume)
     return app
 
 
@@ -91,7 +97,21 @@ async def _healthz(request: web.Request) -> web.Response:
         if not is_redis_failure(exc) and not isinstance(exc, TimeoutError):
             raise
         return _json(503, {"code": "UNAVAILABLE", "redis": "down"})
-    return _json(200, {"code": "OK", "redis": "up", "in_flight": relay.in_flight})
+    return _json(200, {"code": "OK", "redis": "up", "in_flight": relay.in_flight,
+                       "delivery": relay.state()})
+
+
+async def _resume(request: web.Request) -> web.Response:
+    """``POST /admin/delivery/resume`` (bearer SECKILL_ADMIN_TOKEN): deliver again."""
+    token = request.app[ADMIN_TOKEN]
+    given = request.headers.get("Authorization", "").removeprefix("Bearer ").strip()
+    if not token:
+        return _json(403, {"code": "FORBIDDEN", "message": "no SECKILL_ADMIN_TOKEN set"})
+    if not hmac.compare_digest(given.encode("utf-8", "surrogateescape"), token.encode()):
+        return _json(401, {"code": "UNAUTHENTICATED", "message": "admin bearer token required"})
+    relay = request.app[RELAY]
+    relay.breaker.resume()
+    return _json(200, {"code": "OK", "delivery": relay.state()})
 
 
 def _json(status: int, body: dict[str, object]) -> web.Response:

@@ -114,3 +114,14 @@ async def release_order(request: web.Request) -> web.Response:
     if order is None:
         raise ApiError(404, "ORDER_NOT_FOUND", "no such order")
     return json_response(200, {"code": "OK", **order.public()})
+
+
+async def resume_delivery(request: web.Request) -> web.Response:
+    """Deliver again after the relay paused (a wrong endpoint, refused credentials). Each
+    process's relay also resumes by itself once a probe delivery is accepted."""
+    gw = gateway_of(request)
+    gw.auth.require_admin(request)
+    if gw.relay is None:
+        raise ApiError(404, "NO_RELAY", "no relay runs in this process")
+    gw.relay.breaker.resume()
+    return json_response(200, {"code": "OK", "delivery": gw.relay.state()})

@@ -10,8 +10,11 @@ from gateway.http.errors import json_response
 
 
 async def healthz(request: web.Request) -> web.Response:
-    await gateway_of(request).store.ping()
-    return json_response(200, {"code": "OK", "redis": "up"})
+    """200 while Redis answers, with what is degraded named in the body (a primary
+    without the replicas purchases wait for; delivery paused); else 503."""
+    gw = gateway_of(request)
+    await gw.store.ping()
+    return json_response(200, {"code": "OK", "redis": "up", **gw.health()})
 
 
 async def openapi(request: web.Request) -> web.Response:

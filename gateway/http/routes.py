@@ -17,6 +17,8 @@ def add_routes(app: web.Application) -> None:
     app.router.add_route("DELETE", r"/admin/sales/{sku:[^/]+}", admin.delete_sale)
     app.router.add_route("POST", r"/admin/orders/{order_no:[^/]+}/release", admin.release_order,
                          name="admin_release")
+    app.router.add_route("POST", "/admin/delivery/resume", admin.resume_delivery,
+                         name="admin_resume")
     app.router.add_route("GET", "/healthz", ops.healthz, name="healthz")
     app.router.add_route("GET", "/metrics", ops.metrics, name="metrics")
     app.router.add_route("GET", "/openapi.json", ops.openapi, name="openapi")

@@ -122,6 +122,8 @@ class Upstream:
     stall_seconds: float = 0.0
     hold_from: int = 0
     reject_with: int = 0
+    reject_orders: set[str] = field(default_factory=set)  # refused with 422, the others pass
+    authorization: list[str] = field(default_factory=list)  # the bearer of every POST
     posts: int = 0
     held: int = 0
     answered: dict[int, int] = field(default_factory=dict)  # status -> count
@@ -135,10 +137,13 @@ class Upstream:
         self.posts += 1
         n = self.posts
         body = await request.read()
+        self.authorization.append(request.headers.get("Authorization", ""))
         if n <= self.fail_first:
             return self._answer(500, b'{"code":"INTERNAL"}')
         if self.reject_with:
             return self._answer(self.reject_with, b'{"code":"REFUSED"}')
+        if request.headers.get("Idempotency-Key") in self.reject_orders:
+            return self._answer(422, b'{"code":"AMOUNT_MISMATCH"}')
         if self.hold_from and n >= self.hold_from:
             self.held += 1
             await self._released.wait()

@@ -98,6 +98,11 @@ async def bind_key(runner: ScriptRunner, key_record: str, fingerprint: str, ttl:
     return int(await CLAIM_KEY(runner, (key_record,), (fingerprint, ttl))) != 2
 
 
+def needs_replicas(sha: str) -> bool:
+    """Whether a call runs this script (its 200s must be on a replica before they are told)."""
+    return sha == SCRIPT.sha
+
+
 def admits(sha: str, raw: Any) -> bool:
     """Whether a raw reply of script ``sha`` answers a purchase that a failover must
     not lose: this script's OK (``{0, ...}``) or the stored OK of a key used before

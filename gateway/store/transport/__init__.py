@@ -38,11 +38,18 @@ def batcher_for(client: Redis | RedisCluster, **kwargs: Any) -> Batcher | None:
 
 def make_batcher(client: Redis | RedisCluster, settings: Settings, *,
                  on_batch: Callable[[int], None] | None = None,
-                 must_replicate: ReplicateWhen = never) -> Batcher | None:
+                 must_replicate: ReplicateWhen = never,
+                 replicated: Callable[[str], bool] = lambda sha: False,
+                 on_unprotected: Callable[[int], None] | None = None) -> Batcher | None:
     """The batcher for ``client`` as the settings ask: ``SECKILL_REPLICA_ACKS`` (-1:
-    decided by the batcher when it connects) and ``SECKILL_REPLICA_ACK_TIMEOUT_MS`` for
-    the WAIT after each pipeline; ``must_replicate`` says which replies wait for it."""
+    decided by the batcher when it connects), ``SECKILL_REPLICA_ACK_TIMEOUT_MS`` for each
+    WAIT after a pipeline, ``SECKILL_REPLICA_ACK_POLICY``; WAITs may go on for up to half
+    the request deadline. ``must_replicate`` says which replies wait for replicas,
+    ``replicated`` which scripts' calls need them (see ``transport.replication``)."""
     acks = settings.replica_acks
+    budget_ms = min(1000, int(settings.request_timeout * 500))
     return batcher_for(client, on_batch=on_batch, replica_acks=None if acks < 0 else acks,
-                       ack_timeout_ms=settings.replica_ack_timeout_ms,
-                       must_replicate=must_replicate)
+                       ack_timeout_ms=settings.replica_ack_timeout_ms, ack_budget_ms=budget_ms,
+                       strict=settings.replica_ack_policy == "strict",
+                       must_replicate=must_replicate, replicated=replicated,
+                       on_unprotected=on_unprotected)

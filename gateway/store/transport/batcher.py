@@ -34,7 +34,14 @@ from redis.asyncio import Redis
 from redis.exceptions import ConnectionError, RedisClusterException, RedisError
 
 from gateway.store.transport.link import Call, Link, NodeOptions, own_copy
-from gateway.store.transport.replication import ACK_TIMEOUT_MS, Ack
+from gateway.store.transport.replication import (
+    ACK_BUDGET_MS,
+    ACK_TIMEOUT_MS,
+    Ack,
+    ReplicasRefused,
+    Shortfall,
+    online_replicas,
+)
 
 log = logging.getLogger("gateway.batcher")
 
@@ -69,6 +76,8 @@ class Lane:
     in_flight: int = 0
     link: Link | None = None
     connecting: bool = False
+    replicas: int | None = None  # online replicas of the node (None: not known yet)
+    refusing: bool = False       # strict policy: its acknowledgements fell short
 
 
 class Batcher:
@@ -76,12 +85,20 @@ class Batcher:
 
     ``replica_acks``: replicas that must have a purchase before its 200 is handed over
     (0: none, no WAIT; None: decided when the batcher first connects, see
-    :meth:`_prepare`); ``ack_timeout_ms``: how long a WAIT may wait for them."""
+    :meth:`_prepare`), at most as many as the node has; ``ack_timeout_ms``: how long one
+    WAIT may wait for them, ``ack_budget_ms`` how long WAITs may go on; ``strict``:
+    refuse calls that need replicas (``replicated(sha)``) rather than answer them
+    unprotected (see ``transport.replication``). ``on_unprotected(n)`` hears of replies
+    that needed a replica and were answered without one."""
 
     def __init__(self, options: NodeOptions, *, max_batch: int = MAX_BATCH,
                  window: int = WINDOW, on_batch: BatchObserver | None = None,
                  replica_acks: int | None = 0, ack_timeout_ms: int = ACK_TIMEOUT_MS,
-                 must_replicate: ReplicateWhen = never) -> None:
+                 ack_budget_ms: int = ACK_BUDGET_MS, strict: bool = False,
+                 must_replicate: ReplicateWhen = never,
+                 replicated: Callable[[str], bool] = lambda sha: False,
+                 on_unprotected: BatchObserver | None = None,
+                 probe_every: float = 1.0) -> None:
         if max_batch < 1 or window < 1:
             raise ValueError("max_batch and window must be at least 1")
         if replica_acks is not None and replica_acks < 0:
@@ -94,7 +111,13 @@ class Batcher:
         self.on_batch = on_batch
         self.replica_acks = replica_acks
         self.ack_timeout_ms = ack_timeout_ms
+        self.ack_budget_ms = max(ack_budget_ms, ack_timeout_ms)
+        self.strict = strict
         self.must_replicate = must_replicate
+        self.replicated = replicated
+        self.on_unprotected = on_unprotected
+        self.probe_every = probe_every
+        self._probing: asyncio.Task[None] | None = None
         self._lanes: dict[LaneKey, Lane] = {}
         self._flush_scheduled = False
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -136,12 +159,31 @@ class Batcher:
 
     async def aclose(self) -> None:
         """Drain, then close the connections (the wrapped client is the caller's)."""
+        if self._probing is not None:
+            self._probing.cancel()
+            await asyncio.gather(self._probing, return_exceptions=True)
         await self.drain()
         self._closed = True
         for lane in self._lanes.values():
             if lane.link is not None:
                 lane.link.abort(ConnectionError("batcher closed"))
         self._lanes.clear()
+
+    async def warm(self) -> None:
+        """Connect to every node now (and learn their replicas), so that the first
+        purchases of a sale do not also pay for the connections."""
+        await self._prepare_once()
+        for key in self._node_lanes():
+            lane = self._lanes.get(key)
+            if lane is None:
+                lane = self._lanes[key] = Lane(key)
+            if lane.link is None and not lane.connecting:
+                lane.connecting = True
+                await self._connect(lane)
+
+    def _node_lanes(self) -> list[LaneKey]:
+        """The lanes of every node calls can go to."""
+        raise NotImplementedError
 
     # -- what a kind of deployment decides ------------------------------------------------
 
@@ -156,8 +198,18 @@ class Batcher:
 
     @property
     def ack_slack(self) -> float:
-        """Seconds a WAIT may hold a connection's replies (0 without replica acks)."""
-        return self.ack_timeout_ms / 1000 if self.replica_acks else 0.0
+        """Seconds WAITs may hold a connection's replies (0 without replica acks)."""
+        return (self.ack_budget_ms + self.ack_timeout_ms) / 1000 if self.replica_acks else 0.0
+
+    def degraded(self) -> list[dict[str, Any]]:
+        """Nodes whose purchases cannot be acknowledged by as many replicas as configured
+        (answered unprotected, or refused under the strict policy)."""
+        wanted = self.replica_acks or 0
+        return [{"node": lane.key[0], "replicas": lane.replicas, "wanted": wanted,
+                 "refusing": lane.refusing or self.strict}
+                for lane in self._lanes.values()
+                if not lane.key[1] and wanted and (lane.refusing or (
+                    lane.replicas is not None and lane.replicas < wanted))]
 
     async def _prepare(self) -> None:
         """Whatever routing needs before the first call (the cluster's slot map)."""
@@ -180,8 +232,11 @@ class Batcher:
         if call.ack is not None and not isinstance(reply, BaseException) \
                 and self.must_replicate(call.sha, reply):
             call.ack.held.append((call, reply))
-        else:
-            call.resolve(reply)
+            return
+        if call.unprotected and not isinstance(reply, BaseException) \
+                and self.must_replicate(call.sha, reply):
+            self._count_unprotected(1)
+        call.resolve(reply)
 
     def _on_node_failure(self, lane: Lane) -> None:
         """A connection to the lane's node failed or was lost."""
@@ -222,14 +277,65 @@ class Batcher:
                     self.on_batch(len(calls))
                 except Exception:  # pragma: no cover - a metrics bug must not fail purchases
                     log.exception("batch observer failed")
+            ack = self._ack_for(lane, calls)
+            if not calls:
+                continue
             lane.in_flight += 1
-            ack = Ack(self.replica_acks, self.ack_timeout_ms) if self.replica_acks else None
             lane.link.write(calls, asking=lane.key[1], ack=ack)
+
+    def _ack_for(self, lane: Lane, calls: list[Call]) -> Ack | None:
+        """The WAIT that closes this pipeline, if any; under the strict policy, refuses
+        (and takes out of ``calls``) what needs replicas the node does not have."""
+        wanted = self.replica_acks or 0
+        if not wanted:
+            return None
+        short = lane.refusing or (lane.replicas is not None and lane.replicas < wanted)
+        if short and self.strict:
+            refused = [call for call in calls if self.replicated(call.sha)]
+            for call in refused:
+                calls.remove(call)
+                call.resolve(ReplicasRefused(
+                    f"{lane.key[0]} has {lane.replicas} of the {wanted} replicas a purchase "
+                    "needs (strict policy): nothing was admitted"))
+            return None
+        if lane.replicas is not None:
+            wanted = min(wanted, lane.replicas)
+        if wanted == 0:
+            for call in calls:
+                call.unprotected = True
+            return None
+        return Ack(wanted, self.ack_timeout_ms,
+                   asyncio.get_running_loop().time() + self.ack_budget_ms / 1000)
+
+    def _shortfall(self, lane: Lane, ack: Ack) -> Shortfall:
+        """A WAIT counted fewer replicas than wanted."""
+        if lane.replicas == 0 and not self.strict:
+            self._count_unprotected(len(ack.held))
+            return Shortfall.ACCEPT  # the node's replica is gone: nothing to wait for
+        link = lane.link
+        if asyncio.get_running_loop().time() < ack.deadline and link is not None and not link.closed:
+            lane.in_flight += 1
+            ack.waits += 1
+            link.write([], asking=False, ack=ack)
+            return Shortfall.WAIT_AGAIN
+        if self.strict:
+            lane.refusing = True
+        return Shortfall.GIVE_UP
+
+    def _count_unprotected(self, count: int) -> None:
+        if count and self.on_unprotected is not None:
+            try:
+                self.on_unprotected(count)
+            except Exception:  # pragma: no cover - a metrics bug must not fail purchases
+                log.exception("unprotected observer failed")
 
     async def _connect(self, lane: Lane) -> None:
         host, _, port = lane.key[0].rpartition(":")
         try:
             link = await Link.open(self, lane, host, int(port), self.options)
+            if self.replica_acks and lane.replicas is None:
+                # How many replicas can acknowledge, before the first pipeline waits for them.
+                await self._probe(lane, link)
         except BaseException as exc:  # every waiting caller must hear back
             pending, lane.pending = lane.pending, []
             for call in pending:
@@ -249,7 +355,28 @@ class Batcher:
                 call.resolve(ConnectionError("batcher closed"))
             return
         lane.link, lane.in_flight = link, 0
+        if self.replica_acks and self._probing is None:
+            # Not among the tasks drain() waits for: it runs until aclose().
+            self._probing = asyncio.get_running_loop().create_task(self._probe_forever())
         self._send_from(lane)
+
+    async def _probe(self, lane: Lane, link: Link) -> None:
+        try:
+            lane.replicas = online_replicas(await link.command("INFO", "replication"))
+        except PIPELINE_FAILURES:
+            return
+        if lane.refusing and lane.replicas >= (self.replica_acks or 0):
+            lane.refusing = False
+            log.info("replica acknowledgements back", extra={"node": lane.key[0]})
+
+    async def _probe_forever(self) -> None:
+        """Keep each node's count of replicas current (one INFO per node per interval,
+        on the lane's own connection)."""
+        while not self._closed:
+            await asyncio.sleep(self.probe_every)
+            for lane in list(self._lanes.values()):
+                if lane.link is not None and not lane.link.closed and not lane.key[1]:
+                    await self._probe(lane, lane.link)
 
     def _on_answered(self, lane: Lane) -> None:
         """The last reply of one of the lane's pipelines came: its window has room."""
@@ -294,6 +421,9 @@ class StandaloneBatcher(Batcher):
 
     def _lane_of(self, key: Any) -> LaneKey:
         return self._lane
+
+    def _node_lanes(self) -> list[LaneKey]:
+        return [self._lane]
 
     async def _script_load(self, source: str) -> str:
         return await self.client.script_load(source)

@@ -53,6 +53,9 @@ class ClusterBatcher(Batcher):
             log.info("replica acknowledgements per purchase: %d", self.replica_acks)
         self._ready = True
 
+    def _node_lanes(self) -> list[LaneKey]:
+        return [(node.name, False) for node in self.cluster.get_primaries()]
+
     def _lane_of(self, key: Any) -> LaneKey:
         if key is None:
             return self.cluster.get_default_node().name, False

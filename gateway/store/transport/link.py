@@ -35,6 +35,7 @@ class Call:
     packed: bytes  # the command in the Redis protocol
     future: asyncio.Future[Any]
     sha: str = ""  # the script it runs (EVALSHA), for the replication predicate
+    unprotected: bool = False  # sent where no replica can acknowledge it (see replication)
     redirects: int = 0
     ack: Ack | None = None  # the WAIT after it in its pipeline, if any
 
@@ -212,9 +213,12 @@ class Link(asyncio.Protocol):
             if isinstance(call, Call):
                 call.resolve(own_copy(error))
             elif call is not None:
-                call.settle(error)  # replies held for a WAIT that will not come
+                call.settle(error, None)  # replies held for a WAIT that will not come
         self._set_idle()
         self.batcher._on_lost(self)
+
+    def _shortfall(self, ack: Ack) -> Any:
+        return self.batcher._shortfall(self.lane, ack)
 
     def _set_idle(self) -> None:
         if self._idle is not None and not self._idle.done():
@@ -241,7 +245,7 @@ class Link(asyncio.Protocol):
             if isinstance(call, Call):
                 self.batcher._on_reply(self.lane, call, reply)
             elif call is not None:
-                call.settle(reply)
+                call.settle(reply, self._shortfall)
             if last:
                 self.batcher._on_answered(self.lane)
         self._set_idle()
