@@ -108,6 +108,7 @@ class Order:
     status: str
     idempotency_key: str = ""  # the Redis key of the purchase's idempotency record
     reason: str = ""
+    generation: str = ""       # of the sale it was bought in
 
     @property
     def order_no(self) -> str:
@@ -131,7 +132,7 @@ class Order:
         if purchase is None:
             raise ValueError(f"malformed order record: {dict(record)!r}")
         return cls(purchase, record["status"], record.get("idempotency_key", ""),
-                   record.get("reason", ""))
+                   record.get("reason", ""), record.get("generation", ""))
 
     def public(self) -> dict[str, Any]:
         body = self.purchase.payload()

@@ -30,7 +30,7 @@ from gateway.admission.snapshot import shards_fingerprint, transfers_of, until_s
 from gateway.aio import cancel_and_wait
 from gateway.models import Sale, ShardState, Transfer
 from gateway.store.connection import is_redis_failure
-from gateway.store.store import Store
+from gateway.store.store import SoldOutState, Store
 
 
 class Refill(enum.Enum):
@@ -44,35 +44,38 @@ class Refill(enum.Enum):
 class Rebalancer:
     store: Store
     max_rounds: int = 4
-    _in_flight: dict[tuple[str, int], asyncio.Task[Refill]] = field(default_factory=dict)
+    _in_flight: dict[tuple[str, str, int], asyncio.Task[tuple[Refill, SoldOutState]]] = \
+        field(default_factory=dict)
     # Units asked for by the callers of each running refill (the first and those who
     # joined it): the demand on the receiving shard right now.
-    _demand: dict[tuple[str, int], int] = field(default_factory=dict)
-    _waiting: dict[tuple[str, int], int] = field(default_factory=dict)
+    _demand: dict[tuple[str, str, int], int] = field(default_factory=dict)
+    _waiting: dict[tuple[str, str, int], int] = field(default_factory=dict)
     moves: int = 0
     on_move: Callable[[], None] | None = None  # e.g. Metrics.moves.inc
 
-    async def refill(self, sale: Sale, receiver: int, need: int) -> Refill:
+    async def refill(self, sale: Sale, receiver: int, need: int) -> tuple[Refill, SoldOutState]:
         """Bring at least ``need`` units into ``receiver``. Concurrent callers for one
         shard share one refill, so a crowd on an empty shard triggers one move; the
         refill brings what the whole crowd needs (see ``_demand``). The refill runs as a
         task of its own: a caller that is cancelled (its client went away, its deadline
-        passed) only stops waiting, and the others still get the result."""
-        key = (sale.sku, receiver)
+        passed) only stops waiting, and the others still get the result. With the result
+        comes the sale's sold-out state as read before the refill's first read of the
+        shards: what a SOLD_OUT is to be recorded against (``SoldOut.confirm``)."""
+        key = (sale.sku, sale.generation, receiver)
         running = self._in_flight.get(key)
         if running is not None:
             self._demand[key] += need
             self._waiting[key] += 1
-            result = await asyncio.shield(running)
+            result, seen = await asyncio.shield(running)
             # "Insufficient" was judged against the first caller's quantity; a caller
             # asking for fewer units may still be served: let it try again.
-            return Refill.RETRY if result is Refill.INSUFFICIENT else result
-        task = asyncio.get_running_loop().create_task(self._refill(sale, receiver, need))
+            return (Refill.RETRY if result is Refill.INSUFFICIENT else result), seen
+        task = asyncio.get_running_loop().create_task(self._refill_reading(sale, receiver, need))
         self._in_flight[key] = task
         self._demand[key] = need
         self._waiting[key] = 1
 
-        def finished(done: asyncio.Task[Refill]) -> None:
+        def finished(done: asyncio.Task[tuple[Refill, SoldOutState]]) -> None:
             del self._in_flight[key], self._demand[key], self._waiting[key]
             if not done.cancelled():
                 done.exception()  # retrieved: the callers that still wait re-raise it
@@ -80,16 +83,21 @@ class Rebalancer:
         task.add_done_callback(finished)
         return await asyncio.shield(task)
 
+    async def _refill_reading(self, sale: Sale, receiver: int,
+                              need: int) -> tuple[Refill, SoldOutState]:
+        seen = await self.store.sold_out_state(sale)
+        return await self._refill(sale, receiver, need), seen
+
     async def aclose(self) -> None:
         """Stop refills still running (the gateway is shutting down)."""
         await cancel_and_wait(list(self._in_flight.values()))
 
     def refilling(self, sku: str, shard: int) -> int:
         """How many callers wait on the refill of ``shard`` (0: none running)."""
-        return self._waiting.get((sku, shard), 0)
+        return sum(n for (s, _, r), n in self._waiting.items() if (s, r) == (sku, shard))
 
     async def _refill(self, sale: Sale, receiver: int, need: int) -> Refill:
-        key = (sale.sku, receiver)
+        key = (sale.sku, sale.generation, receiver)
         moved_any = False
         for _ in range(self.max_rounds):
             states = await self.store.shard_states(sale)
@@ -100,7 +108,8 @@ class Rebalancer:
             left = sum(s.remaining for s in states) + sum(t.count for t in pending)
             # Shards this process is refilling have buyers waiting for their units:
             # taking those back would only start a tug of war over the last units.
-            busy = {shard for sku, shard in self._in_flight if sku == sale.sku and shard != receiver}
+            busy = {shard for sku, generation, shard in self._in_flight
+                    if (sku, generation) == (sale.sku, sale.generation) and shard != receiver}
             donors = sorted((s for s in states
                              if s.shard != receiver and s.remaining > 0 and s.shard not in busy),
                             key=lambda s: s.remaining, reverse=True)

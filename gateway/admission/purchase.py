@@ -69,31 +69,32 @@ class PurchaseService:
         return await self._admit(sale, user_id, key, quantity)
 
     async def _admit(self, sale: Sale, user_id: int, key: str, quantity: int) -> Outcome:
-        if self.store.binds_key_apart(user_id, shard_of(user_id, sale.shards)) \
-                and not await self.store.bind_key(user_id, key, sale.sku, quantity):
-            raise ApiError(422, "IDEMPOTENCY_KEY_REUSED",
-                           "this key was used before with a different SKU or quantity")
-        # What to record when the shard is short: nothing yet (ask for units), until the
+        # What to answer when the shard is short: nothing yet (ask for units), until the
         # whole sale is known to be empty.
         short_outcome = ""
+        bound_for = ""  # the generation of the sale the key is bound to (if it must be)
         loop = asyncio.get_running_loop()
         stop_at = loop.time() + self.settings.request_timeout * ATTEMPT_BUDGET
         attempt = -1
         while attempt < 0 or loop.time() < stop_at:
             attempt += 1
             shard = shard_of(user_id, sale.shards)
+            if bound_for != sale.generation and self.store.binds_key_apart(user_id, shard):
+                if not await self.store.bind_key(user_id, key, sale, quantity):
+                    raise ApiError(422, "IDEMPOTENCY_KEY_REUSED",
+                                   "this key was used before with a different SKU or quantity")
+                bound_for = sale.generation
             reply = await self.store.purchase(sale, user_id, key, quantity, shard, short_outcome)
             code = reply.code
             if code is Code.NEED_UNITS:
-                seen = await self.sold_out.read(sale)
-                if seen.sold_out:
+                if (await self.sold_out.read(sale)).sold_out:
                     # Known sold out (a consistent read of every shard found none, and no
-                    # unit came back since): no need to look again.
-                    short_outcome = "SOLD_OUT"
+                    # unit came back since): answered, not recorded against the key.
+                    short_outcome = "KNOWN_SOLD_OUT"
                     continue
-                refill = await self.rebalancer.refill(sale, shard, quantity)
+                refill, seen = await self.rebalancer.refill(sale, shard, quantity)
                 if refill is Refill.SOLD_OUT and not await self.sold_out.confirm(sale, seen):
-                    refill = Refill.RETRY  # units came back while we looked: look again
+                    refill = Refill.RETRY  # units came back while it looked: look again
                 short_outcome = SHORT_OUTCOME.get(refill, "")
                 if refill is Refill.RETRY or attempt >= 2:
                     # Near the end of a sale, crowds on several shards pull the last
@@ -104,11 +105,11 @@ class PurchaseService:
                 raise not_started(reply.at_ms, now_ms())
             if code is Code.ENDED:
                 raise ended()
-            if code is Code.SHARDS_MISMATCH or code is Code.SALE_NOT_FOUND:
+            if code is Code.SALE_CHANGED or code is Code.SALE_NOT_FOUND:
                 # The sale was deleted (and maybe created again) since we cached it.
                 self.sales.forget(sale.sku)
                 fresh = await self.sales.get(sale.sku)
-                if fresh is None or code is Code.SALE_NOT_FOUND and fresh == sale:
+                if fresh is None or fresh.generation == sale.generation:
                     raise ApiError(404, "SALE_NOT_FOUND", "no sale for this SKU")
                 sale = fresh
                 continue

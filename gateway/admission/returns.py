@@ -38,10 +38,13 @@ class Returns:
 
     async def _give_back(self, order: Order, reason: str, keep_units: Iterable[int],
                          status: str) -> Result:
+        # Announced before, counted after: no sold-out mark can be set in between on a
+        # read of the shards made before the units were back (see mark_sold_out.lua).
+        await self.store.count_return(order, "begin")
         result = await self.store.compensate(order, reason, keep_units, status)
-        if result.outcome is not Compensated.NO_ORDER:
-            # Units came back: the sale may be buyable again. (Also after ALREADY: a
-            # return that ran before a Redis error may not have been counted; a needless
-            # count only costs the next sold-out check one more consistent read.)
-            await self.sold_out.units_returned(order.sku)
+        # Also after ALREADY: a return that ran before a Redis error may not have been
+        # counted; a needless count only costs the next sold-out check one more read.
+        await self.store.count_return(order, "cancel" if result.outcome is Compensated.NO_ORDER
+                                      else "end")
+        self.sold_out.forget(order.sku)
         return result

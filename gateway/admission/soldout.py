@@ -77,11 +77,6 @@ class SoldOut:
             return True
         return False
 
-    async def units_returned(self, sku: str) -> None:
-        """Units came back to the sale: whatever was known about it is stale."""
-        self.forget(sku)
-        await self.store.count_return(sku)
-
     def forget(self, sku: str) -> None:
         self._known.pop(sku, None)
 

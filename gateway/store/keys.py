@@ -74,6 +74,11 @@ class ShardKeys:
         return f"{self.tag}:buyers:{self.sku}"
 
     @property
+    def closed(self) -> str:
+        """The generation of this shard closed last (expires): none comes back."""
+        return f"{self.tag}:closed:{self.sku}"
+
+    @property
     def touched(self) -> str:
         """Users with an outcome other than SOLD_OUT recorded in this shard."""
         return f"{self.tag}:touched:{self.sku}"
@@ -108,7 +113,7 @@ class ShardKeys:
         """What ``close_shard.lua`` takes: every per-sale key of this shard (orders and
         idempotency records aside), the order index last."""
         return (self.stock, self.units, self.buyers, self.transfers_out, self.transfers_done,
-                self.transfers_in, self.touched, self.order_index)
+                self.transfers_in, self.touched, self.order_index, self.closed)
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,9 +140,6 @@ class KeySpace:
         """The sale's registry record (one key, never used with others in a script)."""
         return f"{self.prefix}:sale:{sku}"
 
-    def sold_out(self, sku: str) -> str:
-        """The sale's sold-out state (``mark_sold_out.lua``)."""
-        return f"{self.prefix}:sold-out:{sku}"
 
     @property
     def relay_shards(self) -> str:

@@ -16,6 +16,8 @@ from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
+from redis.exceptions import ConnectionError as RedisConnectionError
+
 from gateway.models import Order, Sale, ShardState, Transfer
 from gateway.store.connection import RedisClient
 from gateway.store.keys import KeySpace, ShardKeys, key_shard, new_order_no, shard_of_order
@@ -29,6 +31,7 @@ from gateway.store.scripts.compensate import Compensated
 from gateway.store.scripts.mark_delivered import Delivered
 from gateway.store.scripts.sales import Claim, Shard
 from gateway.store.scripts.transfer import Applied
+from gateway.store.transport.link import OutcomeUnknown
 
 T = TypeVar("T")
 
@@ -51,6 +54,19 @@ class SoldOutState:
 
     sold_out: bool
     returns: str
+
+
+def _sold_out_state(sale: Sale, record: dict[str, str]) -> SoldOutState:
+    """Sold out: the mark is the current count of returns, no return is under way (but
+    for one announced by a process that died long ago), and it is this sale."""
+    returns = str(record.get("returns", ""))
+    mark = record.get("sold_out_at")
+    oldest = now_ms() - sold_out_script.RETURN_STALE_MS
+    returning = any(name.startswith("returning:") and int(value) > oldest
+                    for name, value in record.items())
+    return SoldOutState(mark is not None and mark == returns and not returning
+                        and record.get("generation") == sale.generation
+                        and record.get("state") == "ready", returns)
 
 
 class Store:
@@ -105,8 +121,12 @@ class Store:
                 replies = await self._each(
                     lambda runner, shard: sale_scripts.create_shard(
                         runner, self.keys.shard(sale.sku, shard), claimed), shards)
-                if Shard.OTHER_GENERATION in replies:
-                    raise SaleTaken(sale.sku)
+                if Shard.CLOSED in replies:
+                    raise SaleTaken(sale.sku)  # deleted (or undone) while we worked
+                stale = [shard for shard, reply in zip(shards, replies)
+                         if reply is Shard.OTHER_GENERATION]
+                if stale:
+                    await self._replace_stale_shards(claimed, stale)
                 await self._renew(claimed)
             if not await sale_scripts.set_state(self.client, self.keys.sale(sale.sku),
                                                 claimed.generation, "ready"):
@@ -145,10 +165,21 @@ class Store:
         return await sale_scripts.create_shard(self.client, self.keys.shard(sale.sku, shard), sale)
 
     async def _renew(self, sale: Sale) -> None:
-        reply = await sale_scripts.claim(self.client, self.keys.sale(sale.sku), sale, now_ms(),
-                                         self.creation_lease_ms)
-        if reply.claim is not Claim.RESUME or reply.generation != sale.generation:
+        """Renew the creation's lease; SaleTaken when it is no longer ours to create."""
+        if not await sale_scripts.set_state(self.client, self.keys.sale(sale.sku), sale.generation,
+                                            "creating", now_ms() + self.creation_lease_ms):
             raise SaleTaken(sale.sku)
+
+    async def _replace_stale_shards(self, sale: Sale, shards: list[int]) -> None:
+        """Shards of a generation the registry no longer names (a creator that outlived its
+        lease, a deletion cut off): ours to replace, while the registry says the SKU is
+        ours and being created."""
+        await self._renew(sale)
+        for shard in shards:
+            sk = self.keys.shard(sale.sku, shard)
+            await sale_scripts.close_shard(self.client, sk, "", 2 * self.creation_lease_ms)
+            if await sale_scripts.create_shard(self.client, sk, sale) is not Shard.CREATED:
+                raise SaleTaken(sale.sku)
 
     async def get_sale(self, sku: str) -> Sale | None:
         """The sale, once it is complete (a sale being created or deleted is not for sale)."""
@@ -205,7 +236,8 @@ class Store:
             shards = found[0].shards if found is not None else await self.relay_shards()
         closed = await self._each(
             lambda runner, shard: sale_scripts.close_shard(
-                runner, self.keys.shard(sku, shard), generation), range(shards))
+                runner, self.keys.shard(sku, shard), generation, 2 * self.creation_lease_ms),
+            range(shards))
         pipe = self._pipeline()
         for shard, order_nos in enumerate(closed):
             if order_nos is None:
@@ -214,7 +246,6 @@ class Store:
             for order_no in order_nos:
                 pipe.delete(sk.order(order_no))
             pipe.delete(sk.order_index)
-        pipe.delete(self.keys.sold_out(sku))
         await pipe.execute()
         registry = self.keys.sale(sku)
         found = await self._sale_from_record(sku)
@@ -254,22 +285,15 @@ class Store:
     # -- sold out ---------------------------------------------------------------
 
     async def sold_out_state(self, sale: Sale) -> SoldOutState:
-        returns, at, generation = await self.client.hmget(
-            self.keys.sold_out(sale.sku), "returns", "sold_out_at", "generation")
-        seen = str(returns or "")
-        return SoldOutState(at is not None and at == seen and generation == sale.generation, seen)
+        record: dict[str, str] = await self.client.hgetall(self.keys.sale(sale.sku))  # type: ignore[assignment]
+        return _sold_out_state(sale, record)
 
     async def sold_out_states(self, sales: list[Sale]) -> list[SoldOutState]:
         """The states of several sales in one round trip (per node)."""
         pipe = self._pipeline()
         for sale in sales:
-            pipe.hmget(self.keys.sold_out(sale.sku), "returns", "sold_out_at", "generation")
-        states = []
-        for sale, (returns, at, generation) in zip(sales, await pipe.execute()):
-            seen = str(returns or "")
-            states.append(SoldOutState(at is not None and at == seen and generation == sale.generation,
-                                       seen))
-        return states
+            pipe.hgetall(self.keys.sale(sale.sku))
+        return [_sold_out_state(sale, record) for sale, record in zip(sales, await pipe.execute())]
 
     async def touched_users(self, sale: Sale) -> set[int]:
         """Users with an outcome other than SOLD_OUT recorded on the sale (buyers, also
@@ -281,12 +305,14 @@ class Store:
         return {int(user) for members in await pipe.execute() for user in members}
 
     async def mark_sold_out(self, sale: Sale, seen: SoldOutState) -> bool:
-        return await sold_out_script.mark(self.client, self.keys.sold_out(sale.sku), seen.returns,
-                                          sale.generation)
+        return await sold_out_script.mark(self.client, self.keys.sale(sale.sku), seen.returns,
+                                          sale.generation, now_ms())
 
-    async def count_return(self, sku: str) -> None:
-        """Units came back to the sale: any sold-out mark set before is stale now."""
-        await self.client.hincrby(self.keys.sold_out(sku), "returns", 1)
+    async def count_return(self, order: Order, step: str) -> None:
+        """Around units going back to the order's sale: ``begin`` before, ``end`` after
+        (any sold-out mark set before is stale then), ``cancel`` if none went back."""
+        await sold_out_script.count_return(self.client, self.keys.sale(order.sku), step,
+                                           order.order_no, order.generation, now_ms())
 
     # -- purchase ---------------------------------------------------------------
 
@@ -295,11 +321,11 @@ class Store:
         (it is another slot)."""
         return shard != key_shard(user_id)
 
-    async def bind_key(self, user_id: int, key: str, sku: str, quantity: int) -> bool:
+    async def bind_key(self, user_id: int, key: str, sale: Sale, quantity: int) -> bool:
         """False: the key was used for another request (another sale or quantity)."""
-        return await purchase_script.bind_key(self.batcher or self.client,
-                                              self.keys.key_record(user_id, key),
-                                              f"{sku}|{quantity}", self.outcome_ttl)
+        return await purchase_script.bind_key(
+            self.batcher or self.client, self.keys.key_record(user_id, key),
+            purchase_script.fingerprint(sale.sku, quantity, sale.generation), self.outcome_ttl)
 
     async def purchase(self, sale: Sale, user_id: int, key: str, quantity: int,
                        shard: int, short_outcome: str = "") -> purchase_script.Reply:
@@ -309,9 +335,17 @@ class Store:
         request = purchase_script.Request(
             user_id=user_id, sku=sale.sku, quantity=quantity, order_no=new_order_no(shard),
             now_ms=now_ms(), outcome_ttl=self.outcome_ttl, shards=sale.shards,
-            short_outcome=short_outcome)
-        return await purchase_script.run(self.batcher or self.client, sk,
-                                         sk.idempotency(user_id, key), request)
+            generation=sale.generation, short_outcome=short_outcome)
+        if self.batcher is not None:
+            return await purchase_script.run(self.batcher, sk, sk.idempotency(user_id, key), request)
+        try:
+            return await purchase_script.run(self.client, sk, sk.idempotency(user_id, key), request)
+        except RedisConnectionError as exc:
+            # redis-py cannot tell whether a call whose connection broke had run; only a
+            # failure to connect says it was never sent.
+            if "connecting to" in str(exc):
+                raise
+            raise OutcomeUnknown(f"{exc} (the purchase may have run)") from exc
 
     # -- moving units between shards ---------------------------------------------
 

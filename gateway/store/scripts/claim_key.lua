@@ -10,7 +10,7 @@
   Input:
     KEYS[1] the key's record      (hash: request, ...; expires)
 
-    ARGV[1] request fingerprint ("sku|quantity")
+    ARGV[1] request fingerprint ("sku|quantity|generation")
     ARGV[2] ttl, seconds
 
   Output:

@@ -1,12 +1,15 @@
 --[[
   Create one shard of a sale. Safe to run twice: a shard of this generation that exists
   is left as it is; a shard of another generation (another creation of the SKU) is not
-  touched, and the caller learns that the SKU is no longer its to create.
+  touched, and the caller learns that the SKU is no longer its to create; neither is a
+  shard of a generation closed before (a creator that outlived its sale's deletion must
+  not bring it back).
 
   Input:
     KEYS[1] shard stock       (hash: remaining, sold, limit, price, shards, version,
                                generation, starts_at, ends_at, payment_ttl)
     KEYS[2] shard free units  (list of "lo-hi" ranges)
+    KEYS[3] shard's closed generation (string, expires; see close_shard.lua)
 
     ARGV[1] first unit number of the shard's range
     ARGV[2] last unit number of the shard's range (ARGV[2] < ARGV[1]: no units)
@@ -22,8 +25,13 @@
     1   created
     0   existed already (this generation)
     -1  a shard of another generation is there
+    -2  this generation's shard was closed (its sale deleted or undone)
 ]]
 local rcall = redis.call
+
+if rcall("GET", KEYS[3]) == ARGV[6] then
+  return -2
+end
 
 local generation = rcall("HGET", KEYS[1], "generation")
 if generation then

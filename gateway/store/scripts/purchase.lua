@@ -31,14 +31,17 @@
     ARGV[1] user id
     ARGV[2] sku
     ARGV[3] quantity
-    ARGV[4] request fingerprint ("sku|quantity")
+    ARGV[4] request fingerprint ("sku|quantity|generation": another sale is another request)
     ARGV[5] order_no to use if admitted; also names this attempt
     ARGV[6] now, epoch milliseconds
     ARGV[7] outcome ttl, seconds
     ARGV[8] shard count the caller assumed for the sale
-    ARGV[9] "" to ask for units when the shard is short; else the outcome to record
-            then, known by the caller for the whole sale: "SOLD_OUT" (no units anywhere)
-            or "INSUFFICIENT_STOCK" (fewer units left than the quantity)
+    ARGV[9] "" to ask for units when the shard is short; else what to answer then, known
+            by the caller for the whole sale: "SOLD_OUT" (no units anywhere: recorded),
+            "KNOWN_SOLD_OUT" (the same, known from the sale's sold-out mark: answered,
+            not recorded, so the key may buy if units come back) or
+            "INSUFFICIENT_STOCK" (fewer units left than the quantity: recorded)
+    ARGV[10] generation of the sale the caller means (another one: SALE_CHANGED)
 
   Output (first element is the code):
     {0, order_no, units_csv, amount}     OK: admitted
@@ -51,7 +54,8 @@
                                          asked (recorded against the key)
     {5, missing}                         NEED_UNITS: shard short by `missing`, nothing recorded
     {6}                                  SALE_NOT_FOUND, nothing recorded
-    {7, shards}                          SHARDS_MISMATCH: the sale has another shard count
+    {7, shards}                          SALE_CHANGED: another sale of the SKU is here (other
+                                         generation or shard count), nothing recorded
     {8, limit}                           BAD_QUANTITY: quantity over the per-user limit
     {9, starts_at}                       NOT_STARTED: before the sale's start, nothing recorded
     {10, ends_at}                        ENDED: after the sale's end, nothing recorded
@@ -83,7 +87,7 @@ local sale = rcall("HMGET", stockKey, "remaining", "limit", "price", "shards", "
 if not sale[1] then
   return {6}
 end
-if sale[4] ~= ARGV[8] then
+if sale[4] ~= ARGV[8] or sale[8] ~= ARGV[10] then
   return {7, sale[4]}
 end
 local startsAt = tonumber(sale[5] or "0") or 0
@@ -132,6 +136,9 @@ if remaining < quantity then
   if ARGV[9] == "SOLD_OUT" or ARGV[9] == "INSUFFICIENT_STOCK" then
     record(ARGV[9], "", "")
     return {4, ARGV[9]}
+  end
+  if ARGV[9] == "KNOWN_SOLD_OUT" then
+    return {4, "SOLD_OUT"}
   end
   return {5, quantity - remaining}
 end

@@ -24,7 +24,7 @@ class Code(enum.IntEnum):
     SHORT = 4          # SOLD_OUT or INSUFFICIENT_STOCK, as the caller asked to record
     NEED_UNITS = 5
     SALE_NOT_FOUND = 6
-    SHARDS_MISMATCH = 7
+    SALE_CHANGED = 7   # another sale of the SKU (generation, shard count) is in the shard
     BAD_QUANTITY = 8
     NOT_STARTED = 9    # before the sale's start (by the server's clock): nothing recorded
     ENDED = 10         # after the sale's end: nothing recorded
@@ -56,11 +56,19 @@ class Request:
     now_ms: int
     outcome_ttl: int
     shards: int          # the shard count the caller assumes for the sale
-    short_outcome: str   # "" (ask for units), "SOLD_OUT" or "INSUFFICIENT_STOCK"
+    generation: str      # the generation of the sale the caller means
+    short_outcome: str   # "" (ask for units), "SOLD_OUT", "KNOWN_SOLD_OUT" (answered, not
+                         # recorded) or "INSUFFICIENT_STOCK"
 
     @property
     def fingerprint(self) -> str:
-        return f"{self.sku}|{self.quantity}"
+        return fingerprint(self.sku, self.quantity, self.generation)
+
+
+def fingerprint(sku: str, quantity: int, generation: str) -> str:
+    """What a key is bound to: one sale (a SKU deleted and created again is another) and
+    one quantity."""
+    return f"{sku}|{quantity}|{generation}"
 
 
 async def run(runner: ScriptRunner, shard: ShardKeys, idempotency_key: str,
@@ -70,7 +78,8 @@ async def run(runner: ScriptRunner, shard: ShardKeys, idempotency_key: str,
         (idempotency_key, shard.stock, shard.units, shard.buyers, shard.order(request.order_no),
          shard.order_index, shard.stream, shard.touched),
         (request.user_id, request.sku, request.quantity, request.fingerprint, request.order_no,
-         request.now_ms, request.outcome_ttl, request.shards, request.short_outcome))
+         request.now_ms, request.outcome_ttl, request.shards, request.short_outcome,
+         request.generation))
     return decode(raw)
 
 

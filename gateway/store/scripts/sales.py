@@ -50,11 +50,13 @@ async def claim(runner: ScriptRunner, registry: str, sale: Sale, now_ms: int,
 
 async def set_state(runner: ScriptRunner, registry: str, generation: str, state: str,
                     lease_until_ms: int = 0) -> bool:
-    """``ready``, ``deleting`` or ``gone``; False: the SKU belongs to another generation."""
+    """``creating`` (renew the lease), ``ready``, ``deleting`` or ``gone``; False: the
+    SKU belongs to another generation (or, to renew, is no longer being created)."""
     return bool(int(await STATE(runner, (registry,), (generation, state, lease_until_ms))))
 
 
 class Shard(enum.IntEnum):
+    CLOSED = -2            # this generation's shard was closed: the sale is gone
     OTHER_GENERATION = -1
     EXISTED = 0
     CREATED = 1
@@ -62,16 +64,17 @@ class Shard(enum.IntEnum):
 
 async def create_shard(runner: ScriptRunner, shard: ShardKeys, sale: Sale) -> Shard:
     lo, hi = sale.shard_range(shard.shard)
-    raw = await CREATE_SHARD(runner, (shard.stock, shard.units),
+    raw = await CREATE_SHARD(runner, (shard.stock, shard.units, shard.closed),
                              (lo, hi, sale.per_user_limit, sale.price, sale.shards,
                               sale.generation, sale.starts_at, sale.ends_at, sale.payment_ttl))
     return Shard(int(raw))
 
 
-async def close_shard(runner: ScriptRunner, shard: ShardKeys, generation: str) -> list[str] | None:
-    """Close the shard; the order numbers it admitted, or None when the shard belongs to
-    another generation (left alone)."""
-    raw = await CLOSE_SHARD(runner, shard.closing_keys(), (generation,))
+async def close_shard(runner: ScriptRunner, shard: ShardKeys, generation: str,
+                      remember_ms: int) -> list[str] | None:
+    """Close the shard (``generation`` "": whichever is there); the order numbers it
+    admitted, or None when the shard belongs to another generation (left alone)."""
+    raw = await CLOSE_SHARD(runner, shard.closing_keys(), (generation, remember_ms))
     if int(raw[0]) == 0:
         return None
     return [str(order_no) for order_no in raw[1:]]

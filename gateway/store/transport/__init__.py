@@ -39,7 +39,7 @@ def batcher_for(client: Redis | RedisCluster, **kwargs: Any) -> Batcher | None:
 def make_batcher(client: Redis | RedisCluster, settings: Settings, *,
                  on_batch: Callable[[int], None] | None = None,
                  must_replicate: ReplicateWhen = never,
-                 replicated: Callable[[str], bool] = lambda sha: False,
+                 replicated: Callable[[str], bool] | None = None,
                  on_unprotected: Callable[[int], None] | None = None) -> Batcher | None:
     """The batcher for ``client`` as the settings ask: ``SECKILL_REPLICA_ACKS`` (-1:
     decided by the batcher when it connects), ``SECKILL_REPLICA_ACK_TIMEOUT_MS`` for each

@@ -87,7 +87,7 @@ class Batcher:
     (0: none, no WAIT; None: decided when the batcher first connects, see
     :meth:`_prepare`), at most as many as the node has; ``ack_timeout_ms``: how long one
     WAIT may wait for them, ``ack_budget_ms`` how long WAITs may go on; ``strict``:
-    refuse calls that need replicas (``replicated(sha)``) rather than answer them
+    refuse calls that need replicas (``replicated(sha)``; None: every call) rather than answer them
     unprotected (see ``transport.replication``). ``on_unprotected(n)`` hears of replies
     that needed a replica and were answered without one."""
 
@@ -96,7 +96,7 @@ class Batcher:
                  replica_acks: int | None = 0, ack_timeout_ms: int = ACK_TIMEOUT_MS,
                  ack_budget_ms: int = ACK_BUDGET_MS, strict: bool = False,
                  must_replicate: ReplicateWhen = never,
-                 replicated: Callable[[str], bool] = lambda sha: False,
+                 replicated: Callable[[str], bool] | None = None,
                  on_unprotected: BatchObserver | None = None,
                  probe_every: float = 1.0) -> None:
         if max_batch < 1 or window < 1:
@@ -289,9 +289,12 @@ class Batcher:
         wanted = self.replica_acks or 0
         if not wanted:
             return None
+        needs = self.replicated or (lambda sha: True)
+        if not any(needs(call.sha) for call in calls):
+            return None  # nothing here waits for replicas (shard creation, key binding ...)
         short = lane.refusing or (lane.replicas is not None and lane.replicas < wanted)
         if short and self.strict:
-            refused = [call for call in calls if self.replicated(call.sha)]
+            refused = [call for call in calls if needs(call.sha)]
             for call in refused:
                 calls.remove(call)
                 call.resolve(ReplicasRefused(

@@ -59,6 +59,12 @@ def _own_copy(exc: BaseException) -> BaseException:
     return clone
 
 
+class OutcomeUnknown(TimeoutError):
+    """A script call was written and its connection was lost before its reply: it may
+    have run. (A redis TimeoutError: the HTTP layer answers 503 with outcome_unknown,
+    "retry with the same key"; a call never written gets a ConnectionError: nothing ran.)"""
+
+
 def own_copy(exc: BaseException) -> BaseException:
     """A separate exception object per caller, so that raising it in many tasks does
     not chain their tracebacks onto one shared object."""
@@ -211,7 +217,10 @@ class Link(asyncio.Protocol):
         waiting, self.waiting = self.waiting, deque()
         for call, _ in waiting:
             if isinstance(call, Call):
-                call.resolve(own_copy(error))
+                if call.sha and not isinstance(error, TimeoutError):
+                    call.resolve(OutcomeUnknown(f"{error} (after the call was sent: it may have run)"))
+                else:
+                    call.resolve(own_copy(error))
             elif call is not None:
                 call.settle(error, None)  # replies held for a WAIT that will not come
         self._set_idle()
