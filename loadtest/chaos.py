@@ -63,6 +63,7 @@ import json
 import logging
 import random
 import secrets
+import signal
 import sys
 import tempfile
 import time
@@ -142,20 +143,22 @@ class Op:
     pick: float = 0.0  # resend/reuse: which earlier key; compensate: which order; move: donor
     pick2: float = 0.0  # move: receiver
     count: int = 0  # move: units wanted; create: which shard count
+    after: float = 0.0  # seconds after the step starts
 
     def describe(self) -> str:
         sale = SALES[self.sale].name
+        late = f"+{self.after:.2f}s" if self.after else ""
         if self.kind == "buy":
-            return f"buy({sale} u{self.user} q{self.quantity})"
+            return f"buy({sale} u{self.user} q{self.quantity}){late}"
         if self.kind in ("resend", "compensate"):
-            return f"{self.kind}({self.pick:.2f})"
+            return f"{self.kind}({self.pick:.2f}){late}"
         if self.kind == "reuse":
-            return f"reuse({self.pick:.2f}->{sale})"
+            return f"reuse({self.pick:.2f}->{sale}){late}"
         if self.kind == "move":
-            return f"move({sale} {self.pick:.2f}->{self.pick2:.2f} x{self.count})"
+            return f"move({sale} {self.pick:.2f}->{self.pick2:.2f} x{self.count}){late}"
         if self.kind == "create":
-            return f"create({sale} shards#{self.count})"
-        return f"{self.kind}({sale})"
+            return f"create({sale} shards#{self.count}){late}"
+        return f"{self.kind}({sale}){late}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -208,17 +211,21 @@ def _sale(rng: random.Random) -> int:
 
 def _op(rng: random.Random, sale: int) -> Op:
     kind = _weighted(rng, OP_WEIGHTS)
+    # Most operations start with the step; some a little later, into what the others
+    # are doing (a compensation in the middle of a refill, a purchase in a delete).
+    after = rng.uniform(0, 0.4) if rng.random() < 0.3 else 0.0
     if kind in ("create", "delete"):
         if not SALES[sale].churn:
             sale = CHURN[rng.randrange(len(CHURN))]
-        return Op(kind, sale, count=rng.randrange(8))
+        return Op(kind, sale, count=rng.randrange(8), after=after)
     spec = SALES[sale]
     if kind == "buy":
         quantity = 1 if rng.random() < 0.75 else rng.randint(1, spec.per_user_limit)
-        return Op(kind, sale, user=rng.randint(1, USERS), quantity=quantity)
+        return Op(kind, sale, user=rng.randint(1, USERS), quantity=quantity, after=after)
     if kind == "move":
-        return Op(kind, sale, pick=rng.random(), pick2=rng.random(), count=rng.randint(1, 6))
-    return Op(kind, sale, pick=rng.random())
+        return Op(kind, sale, pick=rng.random(), pick2=rng.random(), count=rng.randint(1, 6),
+                  after=after)
+    return Op(kind, sale, pick=rng.random(), after=after)
 
 
 def _fault(rng: random.Random) -> Fault:
@@ -412,6 +419,7 @@ class ChaosConfig:
     redis_timeout: float = REDIS_TIMEOUT
     trace: bool = False  # print every step and its answers
     skip: frozenset[str] = frozenset()  # operation kinds not performed (the plan stays the same)
+    script: tuple[Step, ...] | None = None  # these steps instead of the seed's plan
     record_dir: Path | None = None  # where the record files for the verifier go
 
 
@@ -420,6 +428,7 @@ class ChaosReport:
     seed: int
     mode: str
     steps_planned: int
+    scripted: bool = False  # the steps were given, not drawn from the seed
     steps_run: int = 0
     seconds: float = 0.0
     settle_seconds: float = 0.0
@@ -442,7 +451,8 @@ class ChaosReport:
     def headline(self) -> str:
         verdict = "OK" if self.ok else "FAILED " + ", ".join(
             f"{k} x{n}" for k, n in sorted(self.kinds().items()))
-        return (f"chaos seed {self.seed} on {self.mode}: {self.steps_run}/{self.steps_planned} steps "
+        what = "scripted steps" if self.scripted else f"seed {self.seed}"
+        return (f"chaos {what} on {self.mode}: {self.steps_run}/{self.steps_planned} steps "
                 f"in {self.seconds:.1f}s (+{self.settle_seconds:.1f}s settling): {verdict}")
 
     def render(self, limit: int = 12) -> str:
@@ -459,7 +469,7 @@ class ChaosReport:
             elif shown[problem.kind] == limit + 1:
                 lines.append(f"  [{problem.invariant}] {problem.kind}: … "
                              f"{self.kinds()[problem.kind] - limit} more")
-        if not self.ok:
+        if not self.ok and not self.scripted:
             lines.append(f"  replay: {self.replay()}")
         return "\n".join(lines)
 
@@ -470,7 +480,8 @@ class Chaos:
     def __init__(self, config: ChaosConfig, target: Target) -> None:
         self.config = config
         self.target = target
-        self.report = ChaosReport(config.seed, target.mode, config.steps)
+        planned = len(config.script) if config.script is not None else config.steps
+        self.report = ChaosReport(config.seed, target.mode, planned, scripted=config.script is not None)
         nonce = uuid.uuid4().hex[:6]
         self.prefix = f"chaos-{config.seed % 10**9}-{nonce}"
         self.admin_token = secrets.token_hex(12)
@@ -556,7 +567,9 @@ class Chaos:
 
     async def steps(self) -> None:
         started = time.monotonic()
-        for step in itertools.islice(plan(self.config.seed), self.config.steps):
+        script = self.config.script
+        steps = script if script is not None else itertools.islice(plan(self.config.seed), self.config.steps)
+        for step in steps:
             limit = self.config.time_limit
             if limit is not None and time.monotonic() - started > limit:
                 self.report.notes.append(f"stopped after {self.report.steps_run} steps: "
@@ -720,6 +733,8 @@ class Chaos:
     async def perform(self, step: Step, op: Op, bound: Any) -> str:
         if op.kind in self.config.skip:
             return f"{op.kind}: skipped"
+        if op.after:
+            await asyncio.sleep(op.after)
         try:
             if op.kind in ("buy", "resend", "reuse"):
                 if bound is None:
@@ -1314,6 +1329,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # SIGTERM unwinds like Ctrl-C: the Redis servers this started are stopped.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     logging.basicConfig(level=logging.WARNING if args.verbose else logging.ERROR,
                         format="%(levelname)s %(name)s: %(message)s")
     first = args.seed if args.seed is not None else random.randrange(1, 10**6)
