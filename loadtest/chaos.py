@@ -497,6 +497,7 @@ class Chaos:
         self.stale_flags: set[str] = set()  # SKUs already found answering a false SOLD_OUT
         self.totals: dict[tuple[str, str], int] = {}  # (sku, generation) -> units counted last step
         self.unsure_compensations: dict[str, int] = {}  # order_no -> step
+        self.not_found: list[tuple[KeyUse, str]] = []  # 404s to judge once the step is over
         self._tick = 0
         self._fresh = 0
         self.http: TestClient[Any, Any] | None = None
@@ -590,9 +591,29 @@ class Chaos:
         self.trace(f"{step.describe()}\n    -> " + " | ".join(str(r) for r in results[1:]))
         if step.fault.kind != "none":
             await asyncio.sleep(0.05)  # commands a fault held back have run now
+        await self.judge_not_found()
         for state in self.sales:
             await self.check_counters(state, step)
             await self.check_flag(state, step)
+
+    async def judge_not_found(self) -> None:
+        """404 SALE_NOT_FOUND while the sale exists (the last PUT said so, nothing deleted
+        it since): because its buyer's shard is missing (a half-made sale), or because
+        the gateway remembered the sale as missing (its cache of sales) past a PUT."""
+        found, self.not_found = self.not_found, []
+        for use, where in found:
+            state = self.sales[use.sale]
+            told = state.calls[-1] if state.calls else None
+            why = (f"the last PUT (step {told.step}) answered {told.status}"
+                   if told and told.kind == "create" else "it was created before the run")
+            sale = await self.calm(partial(self.store.get_sale, state.sku))
+            shards = sale.shards if sale else state.shards
+            shard = use.user % shards
+            there = sale is not None and (await self.calm(partial(self.shard_generations, sale)))[shard]
+            kind = "stale_sale_cache" if there else "sale_not_found_while_it_exists"
+            self.problem(kind, "api", f"{where}: user {use.user} (shard {shard}) got 404 SALE_NOT_FOUND; "
+                         f"the sale exists ({why}), nothing deleted it since, and that shard "
+                         f"{'exists' if there else 'does not'}", use.sku)
 
     async def check_counters(self, state: SaleState, step: Step) -> None:
         """Between steps nothing runs: every unit is free, sold or in transfer, so the
@@ -740,7 +761,8 @@ class Chaos:
                 if bound is None:
                     return f"{op.kind}: no key yet"
                 send = await self.send_key(bound, step.index)
-                label = f"{op.kind} {send.status} {send.body.get('code')}"
+                unknown = " outcome_unknown" if send.body.get("outcome_unknown") else ""
+                label = f"{op.kind} {send.status} {send.body.get('code')}{unknown}"
                 self.report.answers[label] += 1
                 return f"{label} u{bound.user} {bound.sku[-1]}"
             if op.kind == "compensate":
@@ -787,12 +809,7 @@ class Chaos:
             self.problem("unexpected_answer", 6 if status >= 500 else "api",
                          f"{where}: user {use.user} key {use.key} got {status} {body}", use.sku)
         if status == 404 and before == (True, state.epoch, 0) and state.in_flight == 0:
-            told = state.calls[-1] if state.calls else None
-            why = (f"the last PUT (step {told.step}) answered {told.status}" if told and told.kind == "create"
-                   else "it was created before the run")
-            self.problem("sale_not_found_while_it_exists", "api",
-                         f"{where}: user {use.user} (shard {use.user % state.shards}) got 404 "
-                         f"SALE_NOT_FOUND; the sale exists ({why}) and nothing deleted it since", use.sku)
+            self.not_found.append((use, where))  # judged after the step, see judge_not_found
         outcome = outcome_of(status, body)
         if outcome is not None and outcome[0] == "OK" and outcome[1] not in self.orders:
             self.orders[outcome[1]] = (use.sale, use)
@@ -938,6 +955,7 @@ class Chaos:
                 self.problem("compensation_never_done", 5,
                              f"order {order_no}: compensation still failing without faults")
         await self.sweep_all()
+        await self.judge_not_found()
         for use in list(self.uses):
             if use.sends and not any(outcome_of(s.status, s.body) for s in use.sends) \
                     and any(s.status == 503 for s in use.sends):
@@ -1002,6 +1020,7 @@ class Chaos:
     # -- checking -----------------------------------------------------------------------------
 
     async def check(self) -> None:
+        await self.judge_not_found()
         self.check_keys()
         await self.check_orders()
         existing = [s for s in self.sales if s.exists]
@@ -1013,6 +1032,7 @@ class Chaos:
             await self.drain(state)
             await self.verify(state, drained=True)
         self.check_ledger_units()
+        await self.judge_not_found()
 
     def uses_by_key(self) -> dict[tuple[int, str], list[KeyUse]]:
         by_key: dict[tuple[int, str], list[KeyUse]] = defaultdict(list)
