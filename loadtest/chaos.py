@@ -19,9 +19,11 @@ operations  ``buy`` (a new client key), ``resend`` (an earlier key again, same r
             (``Rebalancer.move`` between two shards), ``compensate`` (the relay's path
             for a refused delivery: ``Returns.reject``), ``create`` and ``delete`` (the
             admin API, on the sales made for churn), ``sweep`` (finish half-done moves);
-faults      ``slow`` (the next replies late, but within the timeout), ``late`` (the next
-            replies late past the timeout), ``late_command`` (the reply to one script or
-            command late past the timeout: redis-py resends it), ``reset`` (every
+faults      ``slow`` (the next replies late, but within the timeout), ``slow_command``
+            (the replies to one script or command late within the timeout: windows for
+            races grow), ``late`` (the next replies late past the timeout),
+            ``late_command`` (the reply to one script or command late past the timeout:
+            redis-py resends it), ``reset`` (every
             connection reset, at a random moment), ``pause`` (a node's proxy stops
             forwarding for up to 1.2 s), on the node that owns a key the step uses.
 
@@ -175,7 +177,8 @@ class Fault:
         if self.kind == "none":
             return "-"
         what = {"slow": f"slow x{self.count}", "late": f"late x{self.count}",
-                "late_command": f"late {self.command} x{self.count}", "reset": "reset",
+                "late_command": f"late {self.command} x{self.count}",
+                "slow_command": f"slow {self.command} x{self.count}", "reset": "reset",
                 "pause": "pause"}[self.kind]
         return f"{what} {self.seconds:.2f}s @{self.at:.2f}s on {self.role}"
 
@@ -197,8 +200,8 @@ LATE_COMMANDS = (  # (command, weight): what a late_command fault holds the repl
 )
 OP_WEIGHTS = (("buy", 40), ("resend", 12), ("reuse", 3), ("move", 9), ("compensate", 14),
               ("create", 6), ("delete", 5), ("sweep", 2))
-FAULT_WEIGHTS = (("none", 30), ("slow", 10), ("late", 14), ("late_command", 24),
-                 ("reset", 10), ("pause", 12))
+FAULT_WEIGHTS = (("none", 26), ("slow", 8), ("slow_command", 12), ("late", 12),
+                 ("late_command", 22), ("reset", 9), ("pause", 11))
 
 
 def _weighted(rng: random.Random, table: Sequence[tuple[str, int]]) -> str:
@@ -242,6 +245,10 @@ def _fault(rng: random.Random) -> Fault:
     if kind == "late_command":
         command = _weighted(rng, LATE_COMMANDS)
         return Fault(kind, role, command, count=rng.randint(1, 2), seconds=rng.uniform(0.4, 1.0),
+                     pick=pick)
+    if kind == "slow_command":  # every reply to it slow for the step: a read or a script
+        command = _weighted(rng, LATE_COMMANDS)
+        return Fault(kind, role, command, count=rng.randint(1, 40), seconds=rng.uniform(0.05, 0.25),
                      pick=pick)
     if kind == "reset":
         return Fault(kind, role, at=rng.uniform(0, 0.15), pick=pick)
@@ -583,8 +590,8 @@ class Chaos:
 
     async def step(self, step: Step) -> None:
         bound = [self.bind(step, i, op) for i, op in enumerate(step.ops)]
-        self.report.faults[step.fault.kind if step.fault.kind != "late_command"
-                           else f"late {step.fault.command}"] += 1
+        fault = step.fault
+        self.report.faults[f"{fault.kind.split('_')[0]} {fault.command}" if fault.command else fault.kind] += 1
         results = await asyncio.gather(self.inject(step, bound),
                                        *(self.perform(step, op, b) for op, b in zip(step.ops, bound)))
         self.target.clear()
@@ -607,7 +614,7 @@ class Chaos:
             why = (f"the last PUT (step {told.step}) answered {told.status}"
                    if told and told.kind == "create" else "it was created before the run")
             sale = await self.calm(partial(self.store.get_sale, state.sku))
-            shards = sale.shards if sale else state.shards
+            shards = sale.shards if sale else state.shards or state.spec.shard_choices[0]
             shard = use.user % shards
             there = sale is not None and (await self.calm(partial(self.shard_generations, sale)))[shard]
             kind = "stale_sale_cache" if there else "sale_not_found_while_it_exists"
@@ -740,7 +747,7 @@ class Chaos:
             await asyncio.sleep(fault.at)
         if fault.kind in ("slow", "late"):
             proxy.delay_next_replies(fault.count, fault.seconds)
-        elif fault.kind == "late_command":
+        elif fault.kind in ("late_command", "slow_command"):
             proxy.delay_reply_to(command_predicate(fault.command), fault.seconds, fault.count)
         elif fault.kind == "reset":
             proxy.reset_all()

@@ -200,7 +200,7 @@ async def test_a_delete_racing_purchases_leaves_no_order(chaos_target: Target) -
         step(*buyers(D, 1)),
         step(Op("delete", D),
              *(Op("buy", D, user=(10 + i) * shards + i % shards, after=0.03 * (i + 1)) for i in range(4)),
-             fault=Fault("late_command", "op", "SMEMBERS", count=shards, seconds=SLOW)))
+             fault=Fault("slow_command", "op", "SMEMBERS", count=shards, seconds=SLOW)))
     assert report.ok, failed(report)
 
 
@@ -221,7 +221,7 @@ async def test_a_sold_out_flag_never_outlives_units_that_came_back(chaos_target:
         step(*buyers(A, per_shard, [0])),
         step(Op("buy", A, user=100 * shards),
              Op("compensate", A, pick=0.0, after=0.3),
-             fault=Fault("late_command", "any", "HMGET", count=40, seconds=SLOW)))
+             fault=Fault("slow_command", "any", "HMGET", count=40, seconds=SLOW)))
     assert report.ok, failed(report)
 
 
@@ -238,7 +238,7 @@ async def test_a_sold_out_flag_set_after_a_delete_does_not_sell_out_the_next_sal
         step(Op("create", C)),
         step(*buyers(C, c.stock // shards)),
         step(Op("buy", C, user=100 * shards), Op("delete", C, after=0.1),
-             fault=Fault("late_command", "any", "HMGET", count=40, seconds=SLOW)),
+             fault=Fault("slow_command", "any", "HMGET", count=40, seconds=SLOW)),
         step(Op("create", C)),
         step(*(Op("buy", C, user=(200 + i) * shards) for i in range(c.stock // shards))))
     assert report.ok, failed(report)
