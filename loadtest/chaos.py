@@ -20,12 +20,14 @@ operations  ``buy`` (a new client key), ``resend`` (an earlier key again, same r
             for a refused delivery: ``Returns.reject``), ``create`` and ``delete`` (the
             admin API, on the sales made for churn), ``sweep`` (finish half-done moves);
 faults      ``slow`` (the next replies late, but within the timeout), ``slow_command``
-            (the replies to one script or command late within the timeout: windows for
-            races grow), ``late`` (the next replies late past the timeout),
+            (the replies to one script or command late, within the timeout: the
+            windows races need grow), ``late`` (the next replies late past the timeout),
             ``late_command`` (the reply to one script or command late past the timeout:
-            redis-py resends it), ``reset`` (every
-            connection reset, at a random moment), ``pause`` (a node's proxy stops
-            forwarding for up to 1.2 s), on the node that owns a key the step uses.
+            redis-py resends it), ``cut`` (the reply to one script or command held, then
+            the connection reset: it ran, the client hears a connection error),
+            ``reset`` (every connection reset, at a random moment), ``pause`` (a node's
+            proxy stops forwarding for up to 1.2 s); each on the node that owns a key
+            the step uses.
 
 Every answer is kept (what the client was told). Then the run settles: faults cleared,
 admin calls that timed out sent again (a PUT or DELETE must finish what a failed one
@@ -104,6 +106,7 @@ T = TypeVar("T")
 
 REDIS_TIMEOUT = 0.3  # the gateway's socket timeout: a reply later than this is given up on
 REQUEST_TIMEOUT = 2.0
+HELD = 30.0  # a reply held this long never comes: the connection is reset first
 DEFAULT_STEPS = 120
 SETTLE_TRIES = 40  # sends of one key, or one admin call, while settling
 RELAY_TRIES = 8  # a compensation is tried this often within its step, as the relay would
@@ -178,7 +181,8 @@ class Fault:
             return "-"
         what = {"slow": f"slow x{self.count}", "late": f"late x{self.count}",
                 "late_command": f"late {self.command} x{self.count}",
-                "slow_command": f"slow {self.command} x{self.count}", "reset": "reset",
+                "slow_command": f"slow {self.command} x{self.count}",
+                "cut": f"cut {self.command} x{self.count}", "reset": "reset",
                 "pause": "pause"}[self.kind]
         return f"{what} {self.seconds:.2f}s @{self.at:.2f}s on {self.role}"
 
@@ -200,8 +204,8 @@ LATE_COMMANDS = (  # (command, weight): what a late_command fault holds the repl
 )
 OP_WEIGHTS = (("buy", 40), ("resend", 12), ("reuse", 3), ("move", 9), ("compensate", 14),
               ("create", 6), ("delete", 5), ("sweep", 2))
-FAULT_WEIGHTS = (("none", 26), ("slow", 8), ("slow_command", 12), ("late", 12),
-                 ("late_command", 22), ("reset", 9), ("pause", 11))
+FAULT_WEIGHTS = (("none", 24), ("slow", 7), ("slow_command", 12), ("late", 11),
+                 ("late_command", 20), ("cut", 8), ("reset", 8), ("pause", 10))
 
 
 def _weighted(rng: random.Random, table: Sequence[tuple[str, int]]) -> str:
@@ -249,6 +253,10 @@ def _fault(rng: random.Random) -> Fault:
     if kind == "slow_command":  # every reply to it slow for the step: a read or a script
         command = _weighted(rng, LATE_COMMANDS)
         return Fault(kind, role, command, count=rng.randint(1, 40), seconds=rng.uniform(0.05, 0.25),
+                     pick=pick)
+    if kind == "cut":  # the command runs, its reply is held, the connection is reset
+        command = _weighted(rng, LATE_COMMANDS)
+        return Fault(kind, role, command, count=rng.randint(1, 3), seconds=rng.uniform(0.02, 0.25),
                      pick=pick)
     if kind == "reset":
         return Fault(kind, role, at=rng.uniform(0, 0.15), pick=pick)
@@ -749,6 +757,10 @@ class Chaos:
             proxy.delay_next_replies(fault.count, fault.seconds)
         elif fault.kind in ("late_command", "slow_command"):
             proxy.delay_reply_to(command_predicate(fault.command), fault.seconds, fault.count)
+        elif fault.kind == "cut":
+            proxy.delay_reply_to(command_predicate(fault.command), HELD, fault.count)
+            await asyncio.sleep(fault.seconds)
+            proxy.reset_all()
         elif fault.kind == "reset":
             proxy.reset_all()
         elif fault.kind == "pause":
