@@ -3,6 +3,7 @@ fault-injecting proxies, then every invariant of the contract checked.
 
     python -m loadtest.chaos --seed 7 [--steps 120] [--redis standalone|cluster|both] [--trace]
     python -m loadtest.chaos --duration 300 [--seed 1000]    # seeds 1000, 1001, ... for 300 s
+    python -m loadtest.chaos --seed 7 --skip reuse           # the same plan, without one operation
 
 It starts its own Redis (a private ``redis-server``, or a 3+3-node local Cluster), puts a
 :mod:`devtools.faultproxy` proxy in front of every node (on a Cluster the nodes announce
@@ -460,7 +461,7 @@ class ChaosReport:
         return Counter(p.kind for p in self.problems)
 
     def replay(self) -> str:
-        return (f"python -m loadtest.chaos --seed {self.seed} --steps {self.steps_planned} "
+        return (f"python -m loadtest.chaos --seed {self.seed} --steps {self.steps_run} "
                 f"--redis {self.mode}")
 
     def headline(self) -> str:
@@ -510,6 +511,8 @@ class Chaos:
         self.orders: dict[str, tuple[int, KeyUse]] = {}  # order_no -> (sale, first key use telling it)
         self.compensated: set[str] = set()
         self.stale_flags: set[str] = set()  # SKUs already found answering a false SOLD_OUT
+        self.outlived: set[str] = set()  # SKUs whose flag was found set while they did not exist
+        self.flag_since: dict[str, int] = {}  # SKU -> step after which its sold-out flag was first seen
         self.totals: dict[tuple[str, str], int] = {}  # (sku, generation) -> units counted last step
         self.unsure_compensations: dict[str, int] = {}  # order_no -> step
         self.not_found: list[tuple[KeyUse, str]] = []  # 404s to judge once the step is over
@@ -641,23 +644,42 @@ class Chaos:
         if None in await self.calm(partial(self.shard_generations, sale)):
             return  # half-created: said by the answers (404, 409) and at the end
         snap = await self.calm(partial(read_sale, self.store, sale))
+        if not snap.consistent:
+            self.report.notes.append(f"after step {step.index}: {state.sku} kept changing while read")
+            return
         total = snap.remaining + snap.sold + snap.in_transfer
         key = (state.sku, sale.generation)
         previous = self.totals.get(key, sale.stock)
         self.totals[key] = total
         if total != previous:
+            shards = ", ".join(f"{s.shard}: {s.remaining}/{s.sold}" + (f" xfer {len(s.transfers_out)}"
+                                                                       if s.transfers_out else "")
+                               for s in snap.states)
             self.problem("units_not_conserved", 1,
                          f"after step {step.index} ({step.describe()}): free + sold + in transfer = "
                          f"{snap.remaining} + {snap.sold} + {snap.in_transfer} = {total}, was {previous} "
-                         f"(stock {sale.stock})", state.sku)
+                         f"(stock {sale.stock}; free/sold by shard: {shards})", state.sku)
 
     async def check_flag(self, state: SaleState, step: Step) -> None:
         """Between steps nothing runs: a sold-out flag that is set while units are free
         was set after they came back (or its clearing is still to be retried). A new
         buyer who needs a move must not hear SOLD_OUT."""
-        if state.exists is False or state.sku in self.stale_flags:
-            return
         if not await self.calm(partial(self.store.sold_out_flag, state.sku)):
+            self.flag_since.pop(state.sku, None)
+            self.stale_flags.discard(state.sku)
+            return
+        since = self.flag_since.setdefault(state.sku, step.index)
+        if state.sku in self.stale_flags:
+            return  # said already
+        if state.exists is False:
+            if state.sku not in self.outlived:
+                self.outlived.add(state.sku)
+                self.problem("sold_out_flag_outlives_sale", 4,
+                             f"after step {step.index} ({step.describe()}): the sale is deleted, its "
+                             f"sold-out flag is set (since step {since}); a new sale of this SKU starts "
+                             f"with it", state.sku)
+            return
+        if state.exists is None:
             return
         sale = await self.calm(partial(self.store.get_sale, state.sku))
         if sale is None or any(self.orders[o][0] == self.sales.index(state)
@@ -672,9 +694,9 @@ class Chaos:
         if send.status == 410:
             self.stale_flags.add(state.sku)
             self.problem("false_sold_out", 4,
-                         f"after step {step.index} ({step.describe()}): the sold-out flag is set while "
-                         f"{sum(free.values())} units are free (by shard: {free}); a new buyer in shard "
-                         f"{empty[0]} got 410 SOLD_OUT", state.sku)
+                         f"after step {step.index} ({step.describe()}): the sold-out flag is set (since step "
+                         f"{since}) while {sum(free.values())} units are free (by shard: {free}); a new buyer "
+                         f"in shard {empty[0]} got 410 SOLD_OUT", state.sku)
 
     async def probe(self, state: SaleState, shards: int, shard: int, step: int) -> Send:
         """One new buyer in ``shard`` buys one unit (its key kept like any other)."""
