@@ -49,10 +49,11 @@ LATE = 0.6  # past the gateway's socket timeout in the chaos runs (0.3 s)
 SLOW = 0.2  # within it
 
 
-@pytest.fixture(params=["standalone", pytest.param("cluster", marks=pytest.mark.cluster)])
+@pytest.fixture(scope="module", params=["standalone", pytest.param("cluster", marks=pytest.mark.cluster)])
 def chaos_target(request: pytest.FixtureRequest) -> Iterator[Target]:
-    """Redis behind fault proxies; on a Cluster the nodes announce the proxies (and stop
-    announcing them afterwards: the session's cluster is left as it was)."""
+    """Redis behind fault proxies, for the tests of this module; on a Cluster the nodes
+    announce the proxies (and stop announcing them afterwards: the session's cluster is
+    left as it was). Each run clears the faults it made and uses keys of its own."""
     if request.param == "cluster":
         cluster: LocalCluster = request.getfixturevalue("local_cluster")
         with cluster_target(cluster) as target:
@@ -64,17 +65,18 @@ def chaos_target(request: pytest.FixtureRequest) -> Iterator[Target]:
         yield target
 
 
-def on(*, standalone: str = "", cluster: str = "") -> pytest.MarkDecorator:
+def on(*, standalone: str = "", cluster: str = "", expected: bool = True) -> pytest.MarkDecorator:
     """Run on both; a reason names the known defect that fails that case today (the
-    test is then expected to fail, and passes once the defect is fixed)."""
+    test is then expected to fail, and passes once the defect is fixed). ``expected``
+    False: a failure is a failure after all."""
 
     def marks(reason: str) -> list[pytest.MarkDecorator]:
-        return [pytest.mark.xfail(reason=reason, strict=False)] if reason else []
+        return [pytest.mark.xfail(expected, reason=reason, strict=False)] if reason else []
 
     return pytest.mark.parametrize("chaos_target", [
         pytest.param("standalone", marks=marks(standalone), id="standalone"),
         pytest.param("cluster", marks=[pytest.mark.cluster, *marks(cluster)], id="cluster"),
-    ], indirect=True)
+    ], indirect=True, scope="module")
 
 
 # Known defects (issue "Correct under resends, slow Redis and races"), each failing a
@@ -127,9 +129,17 @@ def test_the_plan_is_a_function_of_the_seed_alone() -> None:
 # -- the randomized run ----------------------------------------------------------------------------
 
 CHAOS_STEPS = int(os.environ.get("CHAOS_STEPS", "90"))
-CHAOS_SEEDS = {"standalone": 2, "cluster": 2}  # each reproduces defects of the issue today
+# Seeds that show defects of the issue within 90 steps today (of 25 seeds tried on each
+# backend): on standalone Redis a half-created sale (and a 503 that said nothing was
+# admitted), on the Cluster units lost by a resent transfer_out (and, in some runs, an
+# orphan order and a half-created sale). Timing varies: the same seed may show more or
+# fewer of them from one run to the next.
+CHAOS_SEEDS = {"standalone": 14, "cluster": 19}
 
 
+@on(standalone=f"{HALF_CREATED_SALE}; {LOST_REPLY_SAID_NOTHING}",
+    cluster=f"{RESENT_TRANSFER_OUT}; {DELETE_RACING_PURCHASE}; {HALF_CREATED_SALE}",
+    expected="CHAOS_SEED" not in os.environ)  # another seed: its failures are news
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 async def test_chaos(chaos_target: Target) -> None:
