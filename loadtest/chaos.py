@@ -1137,11 +1137,11 @@ class Chaos:
             if order.order_no in indexed.get(order.sku, set()):
                 continue
             known = self.orders.get(order.order_no)
-            state = next((s for s in self.sales if s.sku == order.sku), None)
+            owner = next((s for s in self.sales if s.sku == order.sku), None)
             history = ""
-            if state is not None and state.calls:
+            if owner is not None and owner.calls:
                 history = "; admin calls on its sale: " + ", ".join(
-                    f"{c.kind}@step{c.step}={c.status}" for c in state.calls)
+                    f"{c.kind}@step{c.step}={c.status}" for c in owner.calls)
             origin = (f"answered 200 to user {known[1].user} at step {known[1].step}"
                       if known else "never answered 200 (its purchase's answer was 503 or lost)")
             self.problem("orphan_order", 1,
@@ -1165,7 +1165,7 @@ class Chaos:
         keys = [key async for key in client.scan_iter(match=f"{{{self.prefix}:*}}:order:*", count=1000)]
         orders = []
         for key in keys:
-            record = await client.hgetall(key)
+            record: dict[str, str] = await client.hgetall(key)  # type: ignore[assignment]
             if record:
                 orders.append(Order.from_record(record))
         return orders
@@ -1311,10 +1311,10 @@ class Chaos:
                     self.problem("answered_unit_twice", 1,
                                  f"unit {unit} was answered 200 to {len(names)} live orders: "
                                  f"{', '.join(names)}", state.sku)
-            for user, units in sorted(held.items()):
-                if units > state.spec.per_user_limit:
+            for user, count in sorted(held.items()):
+                if count > state.spec.per_user_limit:
                     self.problem("answered_over_limit", 2,
-                                 f"user {user} was answered 200 for {units} units "
+                                 f"user {user} was answered 200 for {count} units "
                                  f"(limit {state.spec.per_user_limit})", state.sku)
 
 
