@@ -102,6 +102,9 @@ from gateway.store.scripts.compensate import Compensated
 from gateway.store.store import Store
 from loadtest.verify import Snapshot, Violation, check, collect_stable
 
+__all__ = ["SALES", "ChaosConfig", "ChaosReport", "Fault", "Op", "Problem", "Step", "Target",
+           "cluster_target", "plan", "run_chaos", "standalone_target"]
+
 log = logging.getLogger("loadtest.chaos")
 T = TypeVar("T")
 
@@ -199,7 +202,7 @@ class Step:
 
 
 SCRIPTS = ("purchase", "transfer_out", "transfer_in", "compensate", "create_shard")
-LATE_COMMANDS = (  # (command, weight): what a late_command fault holds the reply to
+FAULT_COMMANDS = (  # (command, weight): whose replies a late_command, slow_command or cut holds
     ("transfer_out", 6), ("transfer_in", 3), ("purchase", 3), ("compensate", 3),
     ("create_shard", 3), ("SET", 4), ("DEL", 3), ("SMEMBERS", 2), ("HMGET", 2), ("HDEL", 1),
 )
@@ -248,15 +251,15 @@ def _fault(rng: random.Random) -> Fault:
         return Fault(kind, role, count=rng.randint(1, 3), seconds=rng.uniform(0.4, 1.0),
                      at=rng.choice((0.0, 0.0, rng.uniform(0, 0.05))), pick=pick)
     if kind == "late_command":
-        command = _weighted(rng, LATE_COMMANDS)
+        command = _weighted(rng, FAULT_COMMANDS)
         return Fault(kind, role, command, count=rng.randint(1, 2), seconds=rng.uniform(0.4, 1.0),
                      pick=pick)
     if kind == "slow_command":  # every reply to it slow for the step: a read or a script
-        command = _weighted(rng, LATE_COMMANDS)
+        command = _weighted(rng, FAULT_COMMANDS)
         return Fault(kind, role, command, count=rng.randint(1, 40), seconds=rng.uniform(0.05, 0.25),
                      pick=pick)
     if kind == "cut":  # the command runs, its reply is held, the connection is reset
-        command = _weighted(rng, LATE_COMMANDS)
+        command = _weighted(rng, FAULT_COMMANDS)
         return Fault(kind, role, command, count=rng.randint(1, 3), seconds=rng.uniform(0.02, 0.25),
                      pick=pick)
     if kind == "reset":
@@ -1431,6 +1434,3 @@ def main(argv: Sequence[str] | None = None) -> int:
 if __name__ == "__main__":
     sys.exit(main())
 
-
-__all__ = ["SALES", "ChaosConfig", "ChaosReport", "Fault", "Op", "Problem", "Step", "Target",
-           "cluster_target", "plan", "run_chaos", "standalone_target"]
