@@ -49,3 +49,15 @@ cluster: setup
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis orders.db*
+
+# Chaos run (loadtest/chaos.py): seeded random purchases, unit moves, compensations, sale
+# creates and deletes through fault proxies, then every invariant. Runs consecutive seeds
+# for CHAOS_DURATION seconds and prints them; replay one with the command it prints,
+# `python -m loadtest.chaos --seed N --steps M --redis MODE`. More: CHAOS_ARGS="--seed 100
+# --steps 200 --skip reuse --trace".
+CHAOS_DURATION ?= 300
+CHAOS_REDIS    ?= both
+CHAOS_ARGS     ?=
+.PHONY: chaos
+chaos: setup
+	$(BIN)/python -m loadtest.chaos --redis $(CHAOS_REDIS) --duration $(CHAOS_DURATION) $(CHAOS_ARGS)
