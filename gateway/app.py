@@ -119,11 +119,11 @@ class Gateway:
         self.sales.forget(sku)
         self.sold_out.forget(sku)
 
-    async def create_sale(self, sale: Sale) -> bool:
+    async def create_sale(self, sale: Sale) -> Sale | None:
         """Create the sale (False: the SKU is taken). The creation runs to its end even
         if the request that asked for it is cancelled (its deadline, its client gone):
         a sale is never left half made by a timeout (a crash is finished by the next PUT)."""
-        created = await self._run_to_end(self.store.create_sale(sale))
+        created: Sale | None = await self._run_to_end(self.store.create_sale(sale))
         self.forget_sale(sale.sku)
         return created
 

@@ -201,10 +201,12 @@ class Step:
         return f"step {self.index} [{self.fault.describe()}] " + " ".join(o.describe() for o in self.ops)
 
 
-SCRIPTS = ("purchase", "transfer_out", "transfer_in", "compensate", "create_shard")
+SCRIPTS = ("purchase", "transfer_out", "transfer_in", "transfer_done", "compensate", "create_shard",
+           "claim_sale", "sale_state", "close_shard", "claim_key", "mark_sold_out", "count_return")
 FAULT_COMMANDS = (  # (command, weight): whose replies a late_command, slow_command or cut holds
     ("transfer_out", 6), ("transfer_in", 3), ("purchase", 3), ("compensate", 3),
-    ("create_shard", 3), ("SET", 4), ("DEL", 3), ("SMEMBERS", 2), ("HMGET", 2), ("HDEL", 1),
+    ("create_shard", 3), ("claim_sale", 4), ("close_shard", 3), ("sale_state", 2),
+    ("count_return", 2), ("mark_sold_out", 1), ("DEL", 3), ("HMGET", 2), ("HGETALL", 1),
 )
 OP_WEIGHTS = (("buy", 40), ("resend", 12), ("reuse", 3), ("move", 9), ("compensate", 14),
               ("create", 6), ("delete", 5), ("sweep", 2))
@@ -663,11 +665,16 @@ class Chaos:
                          f"{snap.remaining} + {snap.sold} + {snap.in_transfer} = {total}, was {previous} "
                          f"(stock {sale.stock}; free/sold by shard: {shards})", state.sku)
 
+    async def flag_set(self, sku: str) -> bool:
+        """Whether the SKU is marked sold out (a mark of a sale being deleted counts)."""
+        found = await self.store.sale_record(sku)
+        return found is not None and (await self.store.sold_out_state(found[0])).sold_out
+
     async def check_flag(self, state: SaleState, step: Step) -> None:
         """Between steps nothing runs: a sold-out flag that is set while units are free
         was set after they came back (or its clearing is still to be retried). A new
         buyer who needs a move must not hear SOLD_OUT."""
-        if not await self.calm(partial(self.store.sold_out_flag, state.sku)):
+        if not await self.calm(partial(self.flag_set, state.sku)):
             self.flag_since.pop(state.sku, None)
             self.stale_flags.discard(state.sku)
             return
@@ -754,7 +761,7 @@ class Chaos:
         state = self.sales[op.sale]
         shards = state.shards or state.spec.shard_choices[0]
         if fault.role == "flag":
-            return keys.sold_out(state.sku)
+            return keys.sale(state.sku)  # (the sold-out state lives in the sale's record)
         if fault.role == "sale":
             return keys.sale(state.sku)
         if fault.role == "any":
@@ -1174,14 +1181,18 @@ class Chaos:
         return orders
 
     async def check_leftovers(self) -> None:
-        """A deleted sale leaves no key behind."""
+        """A deleted sale leaves no key behind (but the expiring tombstones of its closed
+        shards, which keep a creator still at work from bringing a shard back)."""
         client = self.store.client
+        tombstone_ms = 2 * self.store.creation_lease_ms
         for state in self.sales:
             if state.exists or not state.calls:
                 continue
 
             async def scan(sku: str = state.sku) -> list[str]:
-                return sorted([k async for k in client.scan_iter(match=f"*{self.prefix}*:{sku}", count=1000)])
+                found = [k async for k in client.scan_iter(match=f"*{self.prefix}*:{sku}", count=1000)]
+                return sorted([k for k in found if ":closed:" not in k
+                               or not 0 < await client.pttl(k) <= tombstone_ms])
 
             left = await self.calm(scan)
             if left:
@@ -1279,7 +1290,7 @@ class Chaos:
                 return
             if send.status != 200:
                 where = {s.shard: s.remaining for s in states if s.remaining}
-                flag = await self.calm(lambda: store.sold_out_flag(state.sku))
+                flag = await self.calm(lambda: self.flag_set(state.sku))
                 kind = "false_sold_out" if send.status == 410 else "free_unit_refused"
                 self.problem(kind, 4,
                              f"a new buyer in shard {shard} got {send.status} {code} while {free} units "

@@ -269,7 +269,8 @@ async def test_store_purchases_go_through_the_batcher(client, batched) -> None:
     batcher, observed = batched
     store = Store(client, KeySpace(f"tb{uuid.uuid4().hex[:8]}"), batcher=batcher)
     sale = Sale("sku-b", stock=1000, shards=16)
-    assert await store.create_sale(sale)  # (its shards are created through the batcher too)
+    sale = await store.create_sale(sale)  # type: ignore[assignment]  # (its shards are created through the batcher too)
+    assert sale is not None
     await client.script_load(PURCHASE.source)
     observed.clear()
     users = range(1000, 1100)
@@ -501,7 +502,8 @@ async def test_without_a_replica_purchases_are_answered_unprotected(standalone_r
     store = Store(client, KeySpace(prefix), batcher=acked)
     sale = Sale("sku-w", stock=10, shards=1)
     try:
-        assert await store.create_sale(sale)
+        sale = await store.create_sale(sale)  # type: ignore[assignment]
+        assert sale is not None
         await client.script_load(PURCHASE.source)
         first = await store.purchase(sale, 7, "key-0000007", 1, 0)
         assert first.code is Purchase.OK
@@ -525,7 +527,8 @@ async def test_strict_policy_refuses_before_running(standalone_redis, prefix) ->
     store = Store(client, KeySpace(prefix), batcher=strict)
     sale = Sale("sku-s", stock=10, shards=1)
     try:
-        assert await store.create_sale(sale)  # (its shards are created through the batcher)
+        sale = await store.create_sale(sale)  # type: ignore[assignment]  # (its shards are created through the batcher)
+        assert sale is not None
         await client.script_load(PURCHASE.source)
         await strict.warm()
         with pytest.raises(ReplicasRefused):
@@ -557,7 +560,8 @@ async def test_a_replica_that_does_not_acknowledge_times_out_after_the_budget(pr
                     if online_replicas(await client.execute_command("INFO", "replication")) == 1:
                         break
                     await asyncio.sleep(0.05)
-                assert await store.create_sale(sale)
+                sale = await store.create_sale(sale)  # type: ignore[assignment]
+                assert sale is not None
                 await client.script_load(PURCHASE.source)
                 assert (await store.purchase(sale, 1, "key-0000001", 1, 0)).code is Purchase.OK
                 replica.pause()
@@ -590,7 +594,8 @@ async def test_with_replicas_admitted_purchases_are_answered_after_wait(local_cl
     store = Store(client, KeySpace(prefix), batcher=batcher)
     sale = Sale("sku-r", stock=1000, shards=16)
     try:
-        assert await store.create_sale(sale)
+        sale = await store.create_sale(sale)  # type: ignore[assignment]
+        assert sale is not None
         waits = await _wait_calls(local_cluster.primary_nodes())
         replies = await asyncio.gather(*(store.purchase(sale, u, f"key-{u:07d}", 1, u % 16)
                                          for u in range(100)))
@@ -638,7 +643,8 @@ async def test_a_primary_whose_replica_stalls_gives_no_200(fault_cluster, prefix
                if owner[s] is not stalled and fault_cluster.replicas_of(owner[s])]
     assert on_stalled and healthy
     try:
-        assert await store.create_sale(sale)
+        sale = await store.create_sale(sale)  # type: ignore[assignment]
+        assert sale is not None
         await client.script_load(PURCHASE.source)
         fault_cluster.pause(replica)  # back well within the node timeout
         try:

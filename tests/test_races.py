@@ -186,11 +186,10 @@ async def test_units_given_back_during_a_sold_out_check_are_sold(backend: Backen
         assert [o.status for o in bought] == [200, 200]
         sale = await gw.sales.get(sku)
         assert sale is not None
-        # A buyer's sold-out check starts: what it knows of the sale...
-        seen = await gw.sold_out.read(sale)
-        assert not seen.sold_out
-        # ...its consistent read of every shard finds nothing...
-        assert await gw.rebalancer.refill(sale, 0, 1) is Refill.SOLD_OUT
+        # A buyer's sold-out check: what it knew of the sale before its consistent read
+        # of every shard, and that read, which finds nothing...
+        refill, seen = await gw.rebalancer.refill(sale, 0, 1)
+        assert refill is Refill.SOLD_OUT and not seen.sold_out
         # ...and, before it records that, a refused delivery gives a unit back.
         order = await gw.store.get_order(bought[0].body["order_no"])
         assert order is not None

@@ -485,27 +485,29 @@ async def test_refill_outcomes(backend: Backend):
     store = Store(connect(settings), KeySpace(settings.key_prefix))
     try:
         sale = Sale(new_sku(), 8, per_user_limit=8, shards=4)
-        assert await store.create_sale(sale)
+        sale = await store.create_sale(sale)  # type: ignore[assignment]
+        assert sale is not None
         rebalancer = Rebalancer(store)
-        assert await rebalancer.refill(sale, 1, 5) is Refill.MOVED
+        assert (await rebalancer.refill(sale, 1, 5))[0] is Refill.MOVED
         states = await store.shard_states(sale)
         assert states[1].remaining >= 5 and sum(s.remaining for s in states) == 8
         before = [s.remaining for s in await store.shard_states(sale)]
-        assert await rebalancer.refill(sale, 2, 9) is Refill.INSUFFICIENT
+        assert (await rebalancer.refill(sale, 2, 9))[0] is Refill.INSUFFICIENT
         # Too few units for the asker: nothing moves (it would only feed a tug of war).
         assert [s.remaining for s in await store.shard_states(sale)] == before
-        assert await rebalancer.refill(sale, 2, 8) is Refill.MOVED
+        assert (await rebalancer.refill(sale, 2, 8))[0] is Refill.MOVED
         # Drain the sale through shard 2, then ask again: sold out.
         reply = await store.purchase(sale, 2, "drain-all-key", 8, 2)
         assert reply.code is Purchase.OK and sorted(reply.units) == list(range(1, 9))
-        assert await rebalancer.refill(sale, 0, 1) is Refill.SOLD_OUT
+        assert (await rebalancer.refill(sale, 0, 1))[0] is Refill.SOLD_OUT
         # 20 buyers of one empty shard at once share one refill, which brings units for
         # all of them (16 + 8: the first donor whole, then half of the next), not one each.
         sale2 = Sale(new_sku(), 64, per_user_limit=16, shards=4)  # 16 units a shard
-        assert await store.create_sale(sale2)
+        sale2 = await store.create_sale(sale2)  # type: ignore[assignment]
+        assert sale2 is not None
         assert (await store.purchase(sale2, 3, "empty-shard-3", 16, 3)).code is Purchase.OK
         before = rebalancer.moves
-        results = await asyncio.gather(*(rebalancer.refill(sale2, 3, 1) for _ in range(20)))
+        results = [r for r, _ in await asyncio.gather(*(rebalancer.refill(sale2, 3, 1) for _ in range(20)))]
         assert set(results) == {Refill.MOVED}
         assert rebalancer.moves - before == 2
         remaining = [s.remaining for s in await store.shard_states(sale2)]
@@ -543,7 +545,7 @@ class MoveMachine(RuleBasedStateMachine):
         self.applied: set[str] = set()
         self.given: dict[str, tuple[int, ...]] = {}   # order_no -> units, every admitted order
         self.keys = itertools.count()
-        self.run(self.store.create_sale(self.sale))
+        self.sale = self.run(self.store.create_sale(self.sale))
 
     def run(self, coro):
         return self.loop.run_until_complete(coro)
@@ -631,7 +633,7 @@ class MoveMachine(RuleBasedStateMachine):
     @rule(receiver=st.integers(0, SHARDS - 1), need=st.integers(1, LIMIT))
     def refill(self, receiver, need):
         before = self.run(holdings(self.store, self.sale))
-        result = self.run(self.rebalancer.refill(self.sale, receiver, need))
+        result, _ = self.run(self.rebalancer.refill(self.sale, receiver, need))
         after = self.run(self.store.shard_states(self.sale))
         available = len(before.free) + len(before.in_transfer)
         if result is Refill.MOVED:

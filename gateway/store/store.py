@@ -107,14 +107,14 @@ class Store:
 
     # -- sales ------------------------------------------------------------------
 
-    async def create_sale(self, sale: Sale) -> bool:
-        """Create the sale; False when the SKU is taken (a sale exists, or another is
-        being made). A creation that was cut off (a timeout, a crash) is finished by
-        this call when it has the same parameters, and undone first otherwise (once its
-        lease is over): never left half made."""
+    async def create_sale(self, sale: Sale) -> Sale | None:
+        """Create the sale: the sale created (with its generation), or None when the SKU
+        is taken (a sale exists, or another is being made). A creation that was cut off
+        (a timeout, a crash) is finished by this call when it has the same parameters,
+        and undone first otherwise (once its lease is over): never left half made."""
         claimed = await self.begin_sale(sale)
         if claimed is None:
-            return False
+            return None
         try:
             for first in range(0, claimed.shards, CREATE_BATCH):
                 shards = range(first, min(first + CREATE_BATCH, claimed.shards))
@@ -132,8 +132,8 @@ class Store:
                                                 claimed.generation, "ready"):
                 raise SaleTaken(sale.sku)
         except SaleTaken:
-            return False
-        return True
+            return None
+        return claimed
 
     async def begin_sale(self, sale: Sale) -> Sale | None:
         """Claim the SKU for ``sale`` (its record reads ``creating``) and make sure the
