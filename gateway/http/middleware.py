@@ -9,7 +9,6 @@ import time
 from collections.abc import Awaitable, Callable
 
 from aiohttp import web
-from prometheus_client import Counter, Histogram
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from gateway.http.context import gateway_of
@@ -20,10 +19,6 @@ log = logging.getLogger("gateway")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
-# (route, code) -> (requests counter, latency histogram) children, per app: labels() on
-# every request cost more than the rest of the metrics work together.
-METRIC_CHILDREN: web.AppKey[dict[tuple[str, str], tuple[Counter, Histogram]]] = \
-    web.AppKey("metric_children")
 
 
 def _route_name(request: web.Request) -> str:
@@ -69,13 +64,8 @@ async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
                     response = _unavailable_for(exc).response()
     finally:
         gw.in_flight -= 1
-    key = (route, response.get(RESPONSE_CODE) or str(response.status))
-    children = request.app[METRIC_CHILDREN]
-    pair = children.get(key)
-    if pair is None:
-        pair = children[key] = (gw.metrics.requests.labels(*key), gw.metrics.latency.labels(route))
-    pair[0].inc()
-    pair[1].observe(time.perf_counter() - started)
+    gw.metrics.answers.observe(route, response.get(RESPONSE_CODE) or str(response.status),
+                               time.perf_counter() - started)
     return response
 
 
