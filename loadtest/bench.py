@@ -346,7 +346,8 @@ Generator = Callable[[Stack, Target, int, float, int], Sample]
 
 # -- the gateway's own count of answers ----------------------------------------------------
 
-_SAMPLE_LINE = re.compile(r'^(?P<name>[a-z_]+)\{(?P<labels>[^}]*)\} (?P<value>\S+)$')
+# Label values may hold braces (route="/api/seckill/{sku}"): the labels end at the last "} ".
+_SAMPLE_LINE = re.compile(r'^(?P<name>[a-z_]+)\{(?P<labels>.*)\} (?P<value>\S+)$')
 _LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
 
 
