@@ -219,7 +219,7 @@ def create_app(settings: Settings, client: RedisClient | None = None, *,
     gateway = Gateway.build(settings, client)
     gateway.relay_consumer = relay_consumer
     app[GATEWAY] = gateway
-    app[GUARD] = guard_state(settings.request_timeout)
+    app[GUARD] = guard_state(gateway)
     # Read at scrape time: nothing to keep in step on the request path.
     gateway.metrics.in_flight.set_function(lambda: gateway.in_flight)
     add_routes(app)

@@ -13,8 +13,7 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from gateway.http.context import gateway_of
-from gateway.http.errors import HTTP_CODES, RESPONSE_CODE, ApiError, json_response, unavailable
+from gateway.http.errors import HTTP_CODES, ApiError, json_response, unavailable
 from gateway.store.connection import is_redis_failure
 
 if TYPE_CHECKING:
@@ -89,16 +88,18 @@ class Deadlines:
 
 @dataclass(slots=True, eq=False)
 class GuardState:
-    """What the middleware keeps per app."""
+    """What the middleware keeps per app (the gateway too: one lookup on the app, not
+    two, per request)."""
 
+    gateway: Gateway
     deadlines: Deadlines
 
 
 GUARD: web.AppKey[GuardState] = web.AppKey("guard")
 
 
-def guard_state(request_timeout: float) -> GuardState:
-    return GuardState(Deadlines(request_timeout))
+def guard_state(gateway: Gateway) -> GuardState:
+    return GuardState(gateway, Deadlines(gateway.settings.request_timeout))
 
 
 def _route_name(request: web.Request) -> str:
@@ -108,7 +109,8 @@ def _route_name(request: web.Request) -> str:
 
 @web.middleware
 async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
-    gw = gateway_of(request)
+    state = request.app[GUARD]
+    gw = state.gateway
     started = time.perf_counter()
     gw.in_flight += 1
     try:
@@ -118,7 +120,7 @@ async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
         else:
             # A bound on every request: a slow or unreachable Redis (or a cluster client
             # busy rediscovering its nodes) must not hold callers for long.
-            deadlines = request.app[GUARD].deadlines
+            deadlines = state.deadlines
             task = current_task()
             assert task is not None
             deadlines.enter(task)
@@ -147,7 +149,8 @@ async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
                 response = _failure(gw, request, exc)
     finally:
         gw.in_flight -= 1
-    gw.metrics.answers.observe(_route_name(request), response.get(RESPONSE_CODE) or str(response.status),
+    gw.metrics.answers.observe(_route_name(request),
+                               getattr(response, "api_code", None) or str(response.status),
                                time.perf_counter() - started)
     return response
 
