@@ -650,7 +650,7 @@ def draw(summary: dict[str, dict[str, Any]], conditions: str, path: Path) -> Non
 
     names = list(summary)[::-1]  # top to bottom as in the table
     ys = range(len(names))
-    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 1.6 + 0.45 * len(names)), sharey=True)
+    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 2.2 + 0.45 * len(names)), sharey=True)
     ratios = [summary[n]["rps_ratio"] for n in names]
     colors = []
     for name, ratio in zip(names, ratios):
@@ -663,6 +663,10 @@ def draw(summary: dict[str, dict[str, Any]], conditions: str, path: Path) -> Non
             left.plot([goal, goal], [y - 0.4, y + 0.4], color="black", linewidth=2)
         left.text(max(ratio, goal or 0.0) + 0.015, y, f"{ratio:.2f}  ({summary[name]['rps']:,.0f}/s)",
                   va="center", fontsize=8)
+    cpu_ratios = [summary[n]["cpu_ratio"] for n in names]
+    left.scatter(cpu_ratios, list(ys), marker="D", facecolors="white", edgecolors="black", zorder=3,
+                 label="CPU ratio: bare's µs per request / this one's")
+    left.legend(loc="upper center", bbox_to_anchor=(0.5, -0.16), fontsize=8, frameon=False)
     left.set_yticks(list(ys), names)
     left.set_xlim(0, max(1.25, max(ratios) + 0.3))
     left.set_xlabel("req/s, ratio to bare aiohttp (black tick: goal)")
@@ -679,7 +683,7 @@ def draw(summary: dict[str, dict[str, Any]], conditions: str, path: Path) -> Non
                    fontsize=8)
     right.set_xlabel("CPU µs per request")
     right.set_xlim(0, max(c + r for c, r in zip(cpu, redis)) * 1.25)
-    right.legend(loc="lower right", fontsize=8)
+    right.legend(loc="upper center", bbox_to_anchor=(0.5, -0.16), fontsize=8, frameon=False, ncol=3)
     fig.suptitle(conditions, fontsize=9)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
