@@ -22,8 +22,7 @@ interleaved rounds, ``--repeat`` times, after a warm-up:
   /api/queue/{sku}/{ticket}``), when the gateway has one (probed; skipped otherwise);
 - with ``--shards``: ``purchase_shards_N``, the purchase path on sales of 1, 4 and 64
   shards; with ``--unbatched``: ``purchase_unbatched``, one EVALSHA per request. Both
-  are off by default: they cost a minute of run time and said nothing new in the runs
-  recorded in the README (shard count: within noise; unbatched: about half).
+  are off by default (a minute of run time); the README has their last figures.
 - with ``--ref REF`` (repeatable): every gateway target again, served by the
   ``gateway/`` package of git revision REF (``name@REF``): a change measured against
   its parent in the same run.
