@@ -8,7 +8,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 PORT   ?= 8080
 
-.PHONY: setup run run-cluster test test-fast lint loadtest bench bench-skew cluster clean
+.PHONY: setup run run-cluster test test-fast lint loadtest bench bench-quick bench-workers bench-profile bench-memory bench-inprocess bench-skew cluster clean
 
 $(BIN)/seckill-gateway: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -40,6 +40,21 @@ loadtest: setup
 
 bench: setup
 	$(BIN)/python -m loadtest.bench
+
+bench-quick: setup
+	$(BIN)/python -m loadtest.bench --quick
+
+bench-workers: setup
+	$(BIN)/python -m loadtest.bench --workers 2 --redis standalone --png loadtest/reports/bench-workers.png
+
+bench-profile: setup
+	$(BIN)/python -m loadtest.bench_profile
+
+bench-memory: setup
+	$(BIN)/python -m loadtest.bench_memory
+
+bench-inprocess: setup
+	$(BIN)/python -m loadtest.bench_inprocess
 
 bench-skew: setup
 	$(BIN)/python -m loadtest.bench_skew

@@ -32,7 +32,7 @@ from gateway.delivery.relay import Relay, RelayConfig
 from gateway.http.admin import sale_settings
 from gateway.http.auth import Authenticator
 from gateway.http.context import GATEWAY
-from gateway.http.middleware import METRIC_CHILDREN, guard
+from gateway.http.middleware import GUARD, guard, guard_state
 from gateway.http.openapi import build as build_openapi
 from gateway.http.ratelimit import RateLimiter
 from gateway.http.routes import add_routes
@@ -263,7 +263,7 @@ def create_app(settings: Settings, client: RedisClient | None = None, *,
     gateway = Gateway.build(settings, client)
     gateway.relay_consumer = relay_consumer
     app[GATEWAY] = gateway
-    app[METRIC_CHILDREN] = {}
+    app[GUARD] = guard_state(gateway)
     # Read at scrape time: nothing to keep in step on the request path.
     gateway.metrics.in_flight.set_function(lambda: gateway.in_flight)
     add_routes(app)

@@ -1,10 +1,12 @@
--- wrk script for loadtest.bench: POST with a new user id and a new idempotency key
--- on every request, and a JSON summary line at the end.
+-- wrk script for loadtest.bench: a new user id (and a new idempotency key) on every
+-- request, and a JSON summary line at the end.
 --
---   wrk -s seckill.lua URL -- <path> <first_user_id>
+--   wrk -s seckill.lua URL -- <path> <first_user_id> [POST|GET]
 --
--- Thread t sends user ids first_user_id + t * 1e10 + 1, + 2, ... (keys "bench-<id>"),
--- so no two requests of a run, and no two runs with distinct first ids, share a user.
+-- POST (the default): a purchase, body {"quantity":1}, key "bench-<id>". GET: the same
+-- user header only (GET /api/token). Thread t sends user ids first_user_id + t * 1e10 + 1,
+-- + 2, ... so no two requests of a run, and no two runs with distinct first ids, share
+-- a user.
 
 local threads = 0
 
@@ -16,6 +18,7 @@ end
 function init(args)
   path = args[1] or "/"
   first = tonumber(args[2] or "0") + tonumber(tid) * 1e10
+  method = args[3] or "POST"
   sent = 0
   body = '{"quantity":1}'
 end
@@ -23,7 +26,10 @@ end
 function request()
   sent = sent + 1
   local user = string.format("%.0f", first + sent)
-  return wrk.format("POST", path, {
+  if method == "GET" then
+    return wrk.format("GET", path, {["X-User-Id"] = user})
+  end
+  return wrk.format(method, path, {
     ["X-User-Id"] = user,
     ["X-Idempotency-Key"] = "bench-" .. user,
     ["Content-Type"] = "application/json",
