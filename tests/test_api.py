@@ -137,12 +137,15 @@ async def test_replay_mode_repeats_the_original(backend, sku: str):
         assert status == 200 and "Idempotent-Replayed" not in headers
         status, again, headers = await api.buy(sku, 5, token)
         assert status == 200 and again == first and headers["Idempotent-Replayed"] == "true"
-        # A recorded SOLD_OUT replays as SOLD_OUT.
+        # A recorded SOLD_OUT replays as SOLD_OUT; or, once this process knows the sale
+        # is sold out, the fast path answers the same 410 from memory, without the header
+        # (it makes no Redis call, so it cannot know the key was used: the issue allows it).
         token = await api.token(6)
         status, sold_out, _ = await api.buy(sku, 6, token)
         assert (status, sold_out["code"]) == (410, "SOLD_OUT")
         status, again, headers = await api.buy(sku, 6, token)
-        assert (status, again) == (410, sold_out) and headers["Idempotent-Replayed"] == "true"
+        assert (status, again) == (410, sold_out)
+        assert headers.get("Idempotent-Replayed") == "true" or await api.fast_path_answers() >= 1
 
 
 async def test_key_reused_for_another_request(api: Api, sku: str):

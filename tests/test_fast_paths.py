@@ -22,12 +22,6 @@ async def _fast_path_on(api: Api, sku: str, user: int) -> None:
     raise AssertionError("the process never learned that the sale is sold out")
 
 
-async def _fast_answers(api: Api) -> float:
-    text = await (await api.client.get("/metrics")).text()
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-               if line.startswith('seckill_fast_path_answers_total{path="sold_out"}'))
-
-
 @pytest.mark.parametrize("duplicates", ["conflict", "replay"])
 async def test_after_a_sell_out_only_buyers_reach_redis(proxied: Proxied, sku: str,
                                                         duplicates: str) -> None:
@@ -44,7 +38,7 @@ async def test_after_a_sell_out_only_buyers_reach_redis(proxied: Proxied, sku: s
         crowd = await asyncio.gather(*(api.buy(sku, u, f"key-crowd-{u:06d}") for u in range(10, 60)))
         assert {(s, b["code"]) for s, b, _ in crowd} == {(410, "SOLD_OUT")}
         assert sum(p.stats.commands for p in proxied.proxies) == before, "the crowd cost Redis calls"
-        assert await _fast_answers(api) == 50
+        assert await api.fast_path_answers() == 50
 
         # A buyer's key goes to Redis and gets its own outcome back.
         status, again, headers = await api.buy(sku, 1, "key-buyer-000001")
@@ -66,7 +60,7 @@ async def test_a_key_answered_from_memory_buys_when_units_come_back(proxied: Pro
         assert (await api.buy(sku, 2, "key-second-00002"))[0] == 410
         await _fast_path_on(api, sku, 5)
         status, body, _ = await api.buy(sku, 5, "key-memory-00005")  # from memory, not recorded
-        assert (status, body["code"]) == (410, "SOLD_OUT") and await _fast_answers(api) == 1
+        assert (status, body["code"]) == (410, "SOLD_OUT") and await api.fast_path_answers() == 1
         resp = await api.client.post(f"/admin/orders/{first['order_no']}/release",
                                      json={"reason": "cancelled"}, headers=api.admin)
         assert resp.status == 200

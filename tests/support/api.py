@@ -88,6 +88,12 @@ class Api:
                              ) -> tuple[int, dict, dict]:
         return await self.buy(sku, user_id, await self.token(user_id), quantity)
 
+    async def fast_path_answers(self) -> float:
+        """Purchases this process answered 410 from memory (its ``/metrics``)."""
+        text = await (await self.client.get("/metrics")).text()
+        return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                   if line.startswith('seckill_fast_path_answers_total{path="sold_out"}'))
+
 
 @contextlib.asynccontextmanager
 async def serve(settings: Settings, port: int | None = None) -> AsyncIterator[Api]:
