@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 
-from gateway.clock import to_rfc3339
+from gateway.clock import sale_time_text, to_rfc3339
 from gateway.http.errors import ApiError
 from gateway.models import Sale
 
@@ -28,7 +28,7 @@ def not_started(starts_at: int, now: int) -> ApiError:
     wait = max(1, math.ceil((starts_at - now) / 1000))
     return ApiError(403, "SALE_NOT_STARTED", "the sale has not started yet",
                     {"Retry-After": str(wait)},
-                    {"starts_at": to_rfc3339(starts_at), "server_time": to_rfc3339(now)})
+                    {"starts_at": sale_time_text(starts_at), "server_time": to_rfc3339(now)})
 
 
 def ended() -> ApiError:
