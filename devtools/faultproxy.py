@@ -226,12 +226,14 @@ class ProxyStats:
     bytes_dropped: int = 0  # swallowed by blackhole()
     replies_delayed: int = 0  # replies held by a one-shot fault
     commands: int = 0  # commands from clients (replicas' links not counted)
+    by_command: Counter[str] = field(default_factory=Counter)  # the same, by name (upper case)
     internal_errors: int = 0  # bugs in the proxy (logged); a test should see 0
     faults: Counter[str] = field(default_factory=Counter)  # fault method -> calls
 
     def copy(self) -> ProxyStats:
         """A snapshot that later traffic does not change."""
-        return ProxyStats(**{**self.__dict__, "faults": Counter(self.faults)})
+        return ProxyStats(**{**self.__dict__, "faults": Counter(self.faults),
+                             "by_command": Counter(self.by_command)})
 
 
 @dataclass
@@ -487,6 +489,7 @@ class _Link:
                 return
             if not self.replication:
                 self.stats.commands += 1
+                self.stats.by_command[name.decode("ascii", "replace")] += 1
             self._plans.append(0.0 if self.spared else self.faults.command_delay(args))
 
     def _split_replies(self, data: bytes) -> list[tuple[float, bytes]]:
