@@ -92,6 +92,8 @@ async def test_a_timeout_says_the_outcome_is_unknown_and_the_same_key_tells_it(s
     async with serve(backend.settings(redis_timeout=0.3, request_timeout=0.6)) as api:
         await api.create_sale(sku, 5)
         token = await api.token(1)
+        await api.sale(sku)
+        await api.buy(sku, 2, await api.token(2))  # the sale is in memory: the stall meets the script
         standalone_redis.pause()
         try:
             status, body, headers = await api.buy(sku, 1, token)
@@ -106,4 +108,32 @@ async def test_a_timeout_says_the_outcome_is_unknown_and_the_same_key_tells_it(s
             await asyncio.sleep(0.1)
         assert (status, again["code"]) == (200, "OK") or \
             (status, again["code"], again["original"]["status"]) == (409, "IDEMPOTENT_CONFLICT", 200), again
-        assert (await api.sale(sku))["sold"] == 1
+        assert (await api.sale(sku))["sold"] == 2
+
+
+async def test_a_purchase_stalled_before_its_script_says_nothing_was_admitted(standalone_redis, sku):
+    """``outcome_unknown`` only while a purchase script call is unanswered: a purchase
+    that stalls reading the sale (this process has never served it) admitted nothing,
+    and its 503 says so (no ``outcome_unknown``); the same key then buys, once."""
+    from tests.support.api import Backend
+
+    backend = Backend("standalone", standalone_redis.url, standalone_redis)
+    settings = backend.settings(redis_timeout=0.3, request_timeout=0.6)
+    async with serve(settings) as admin, serve(settings) as cold:
+        await admin.create_sale(sku, 5)
+        token = await admin.token(1)
+        standalone_redis.pause()
+        try:
+            status, body, headers = await cold.buy(sku, 1, token)
+        finally:
+            standalone_redis.resume()
+        assert (status, body["code"], body.get("outcome_unknown")) == (503, "UNAVAILABLE", None), body
+        assert "Retry-After" in headers
+        assert (await admin.sale(sku))["sold"] == 0
+        for _ in range(50):
+            status, body, _ = await cold.buy(sku, 1, token)
+            if status != 503:
+                break
+            await asyncio.sleep(0.1)
+        assert (status, body["code"]) == (200, "OK"), body
+        assert (await admin.sale(sku))["sold"] == 1

@@ -33,6 +33,16 @@ from gateway.store.store import Store
 # than a deadline cutting a call whose outcome is then unknown.
 ATTEMPT_BUDGET = 0.6
 
+@dataclass(slots=True)
+class Progress:
+    """How far one purchase got, for the answer to a failure. A 503 says the outcome
+    is unknown only while a purchase script call is sent and unanswered: before it (the
+    sale, the key's binding, the sold-out state) and between calls (unit moves), nothing
+    was admitted, and the contract's 503 then means exactly that."""
+
+    unanswered: bool = False
+
+
 SOLD_OUT = Outcome(STATUS["SOLD_OUT"], outcome_body("SOLD_OUT", "", 0, "", ()))
 
 # What a shard that is short records once a refill has looked at the whole sale.
@@ -49,7 +59,8 @@ class PurchaseService:
     token_issuer: Callable[[], Awaitable[TokenIssuer]]
     on_fast_answer: Callable[[str], None] = lambda path: None  # e.g. a metric per path
 
-    async def buy(self, user_id: int, sku: str, key: str, quantity: int) -> Outcome:
+    async def buy(self, user_id: int, sku: str, key: str, quantity: int,
+                  progress: Progress | None = None) -> Outcome:
         sale = await self.sales.get(sku)
         if sale is None:
             raise ApiError(404, "SALE_NOT_FOUND", "no sale for this SKU")
@@ -58,7 +69,7 @@ class PurchaseService:
         refused = outside(sale, now_ms())  # from this process's memory: no Redis call
         if refused is not None:
             self.on_fast_answer("window")
-            raise refused
+            return refused
         if self.settings.key_mode == "token" and not (await self.token_issuer()).verify(key, user_id):
             raise ApiError(403, "TOKEN_INVALID", "the key is not a token issued to you, or it expired")
         if self.sold_out.answers(sale, user_id):
@@ -66,9 +77,10 @@ class PurchaseService:
             # answered from memory, not recorded (a key may buy if units come back).
             self.on_fast_answer("sold_out")
             return SOLD_OUT
-        return await self._admit(sale, user_id, key, quantity)
+        return await self._admit(sale, user_id, key, quantity, progress or Progress())
 
-    async def _admit(self, sale: Sale, user_id: int, key: str, quantity: int) -> Outcome:
+    async def _admit(self, sale: Sale, user_id: int, key: str, quantity: int,
+                     progress: Progress) -> Outcome:
         # What to answer when the shard is short: nothing yet (ask for units), until the
         # whole sale is known to be empty.
         short_outcome = ""
@@ -84,7 +96,9 @@ class PurchaseService:
                     raise ApiError(422, "IDEMPOTENCY_KEY_REUSED",
                                    "this key was used before with a different SKU or quantity")
                 bound_for = sale.generation
+            progress.unanswered = True
             reply = await self.store.purchase(sale, user_id, key, quantity, shard, short_outcome)
+            progress.unanswered = False
             code = reply.code
             if code is Code.NEED_UNITS:
                 if (await self.sold_out.read(sale)).sold_out:
@@ -102,9 +116,9 @@ class PurchaseService:
                     await asyncio.sleep(random.uniform(0, min(0.05, 0.002 * 2 ** min(attempt, 5))))
                 continue
             if code is Code.NOT_STARTED:  # this process's clock is ahead of Redis's
-                raise not_started(reply.at_ms, now_ms())
+                return not_started(reply.at_ms, now_ms())
             if code is Code.ENDED:
-                raise ended()
+                return ended()
             if code is Code.SALE_CHANGED or code is Code.SALE_NOT_FOUND:
                 # The sale was deleted (and maybe created again) since we cached it.
                 self.sales.forget(sale.sku)

@@ -13,6 +13,8 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from gateway.admission.purchase import Progress
+from gateway.http.context import PURCHASE_PROGRESS
 from gateway.http.errors import HTTP_CODES, ApiError, json_response, unavailable
 from gateway.store.connection import is_redis_failure
 
@@ -166,13 +168,15 @@ def _failure(gw: Gateway, request: web.Request, exc: Exception) -> web.Response:
     if gw.log_throttle.allow(kind):
         log.warning("redis failure", extra={"route": _route_name(request), "error": kind,
                                             "detail": str(exc)[:200]})
-    return _unavailable_for(exc).response()
+    return _unavailable_for(exc, request.get(PURCHASE_PROGRESS)).response()
 
 
-def _unavailable_for(exc: BaseException) -> ApiError:
-    """A timeout is not "nothing admitted": the script may have run after we stopped
-    waiting. Say so; the same key, sent again, returns what happened."""
-    if isinstance(exc, (asyncio.TimeoutError, RedisTimeoutError)):
+def _unavailable_for(exc: BaseException, progress: Progress | None) -> ApiError:
+    """A timeout while a purchase script call is unanswered is not "nothing admitted":
+    the script may have run after we stopped waiting. Say so; the same key, sent again,
+    returns what happened. Anywhere else, nothing was admitted, and the 503 says so."""
+    if progress is not None and progress.unanswered \
+            and isinstance(exc, (asyncio.TimeoutError, RedisTimeoutError)):
         error = unavailable("Redis did not answer in time; the purchase may have been made: "
                             "retry with the same key to learn its outcome")
         error.extra["outcome_unknown"] = True

@@ -7,7 +7,8 @@ from typing import TYPE_CHECKING
 
 from aiohttp import web
 
-from gateway.http.context import gateway_of
+from gateway.admission.purchase import Progress
+from gateway.http.context import PURCHASE_PROGRESS, gateway_of
 from gateway.http.errors import ApiError, bad_request, json_response
 from gateway.http.openapi import MAX_LIMIT
 from gateway.http.ratelimit import retry_after
@@ -54,7 +55,8 @@ async def seckill(request: web.Request) -> web.Response:
     body = await json_object(request, {"quantity"})
     quantity = int_field(body, "quantity", 1, 1, MAX_LIMIT)
     sku = sku_of(request)
-    outcome = await gw.purchases.buy(user_id, sku, key, quantity)
+    progress = request[PURCHASE_PROGRESS] = Progress()
+    outcome = await gw.purchases.buy(user_id, sku, key, quantity, progress)
     return json_response(outcome.status, outcome.body, outcome.headers)
 
 
