@@ -77,10 +77,11 @@ class PurchaseService:
             # answered from memory, not recorded (a key may buy if units come back).
             self.on_fast_answer("sold_out")
             return SOLD_OUT
-        return await self._admit(sale, user_id, key, quantity, progress or Progress())
+        return await self._admit(sale, user_id, key, quantity, progress)
 
     async def _admit(self, sale: Sale, user_id: int, key: str, quantity: int,
-                     progress: Progress) -> Outcome:
+                     progress: Progress | None = None) -> Outcome:
+        progress = progress or Progress()
         # What to answer when the shard is short: nothing yet (ask for units), until the
         # whole sale is known to be empty.
         short_outcome = ""
