@@ -31,6 +31,7 @@ from gateway.admission.window import ended
 from gateway.clock import now_ms
 from gateway.http.errors import ApiError
 from gateway.models import Sale
+from gateway.store.connection import is_redis_failure
 from gateway.store.keys import shard_of
 from gateway.store.scripts.queue import Rank, SaleChanged
 from gateway.store.store import Store
@@ -151,7 +152,8 @@ class WaitingRoom:
 
     async def state(self, sale: Sale) -> RoomState:
         """The sale's admission state, re-read at most every ``refresh_every`` seconds
-        (one read at a time per sale: the others wait for it)."""
+        (one read at a time per sale: the others wait for it); the last one read while
+        Redis cannot be read."""
         cached = self._states.get(sale.sku)
         if cached is not None and cached.state.generation == sale.generation \
                 and time.monotonic() - cached.read_at < self.refresh_every:
@@ -162,7 +164,15 @@ class WaitingRoom:
             if cached is not None and cached.state.generation == sale.generation \
                     and time.monotonic() - cached.read_at < self.refresh_every:
                 return cached.state
-            fresh = RoomState.parse(await self.store.queue_state(sale.sku), sale.generation)
+            try:
+                fresh = RoomState.parse(await self.store.queue_state(sale.sku), sale.generation)
+            except Exception as exc:
+                # Its node failing over: answer from what this process last read (the
+                # cursors only lag; admission pauses meanwhile anyway).
+                if cached is None or cached.state.generation != sale.generation \
+                        or not is_redis_failure(exc):
+                    raise
+                return cached.state
             if cached is not None:
                 fresh = fresh.at_least(cached.state)
             self._states[sale.sku] = _Cached(fresh, time.monotonic())
