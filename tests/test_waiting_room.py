@@ -221,6 +221,23 @@ async def test_those_who_join_before_the_start_are_shuffled(backend: Backend, sk
         assert_rate(room(await api.sale(sku)))
 
 
+async def test_a_rate_below_one_a_second_admits_too(backend: Backend, sku: str) -> None:
+    async with serve(backend.settings()) as api:
+        await api.create_sale(sku, 10, shards=2, waiting_room={"admit_rate": 0.8})
+        crowd = Crowd(sku)
+        users = [21, 22]
+        for user in users:
+            await crowd.join(api, user)
+
+        async def both_admitted() -> bool:
+            admitted = await crowd.poll_round(api, users)
+            assert_prefix(users, admitted)
+            assert_rate(room(await api.sale(sku)))
+            return admitted == set(users)
+
+        await eventually(both_admitted, "both are admitted")
+
+
 # -- the stock ----------------------------------------------------------------------------------
 
 async def test_every_ticket_learns_of_a_sell_out_and_admission_resumes_when_units_come_back(
