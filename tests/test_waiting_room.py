@@ -15,8 +15,12 @@ from typing import Any
 
 from redis.crc import key_slot
 
+from gateway.admission.room_state import RoomState
+from gateway.app import Gateway
 from gateway.clock import now_ms, parse_rfc3339
+from gateway.models import Sale
 from gateway.store.keys import shard_of
+from gateway.store.scripts.queue import Advance
 from tests.support.api import Api, Backend, new_sku, serve
 from tests.support.delivery import eventually
 
@@ -451,3 +455,34 @@ async def test_a_primary_killed_mid_run_loses_no_place_and_admits_nobody_twice(
 
 async def _some_admitted(crowd: Crowd, api: Api, users: list[int], count: int) -> bool:
     return len(await crowd.poll_round(api, users)) >= count
+
+
+# -- the admission script, called directly ---------------------------------------------------------
+
+async def test_the_advance_script_admits_each_place_once_and_only_forward(backend: Backend,
+                                                                           sku: str) -> None:
+    """queue_advance.lua, without an admitter running: a repeat, a stale order or one
+    from cursors ahead of the stored ones admits nothing; the bucket starts empty."""
+    gw = Gateway.build(backend.settings())
+    try:
+        sale = await gw.store.create_sale(Sale(sku, 10, shards=2, admit_rate=4))
+        assert sale is not None
+        for user in (10, 11, 12, 13):  # two in each shard
+            await gw.store.queue_join(sale, user, shard_of(user, 2), 0.5)
+
+        def step(base: list[int], order: list[int]) -> Advance:
+            return Advance(generation=sale.generation, units_left=10, rate=4, burst=4,
+                           sold_out=False, joined=4, base=base, order=order)
+
+        assert await gw.store.queue_advance(sale, step([0, 0], [0, 1])) == (0, 0)  # empty bucket
+        await asyncio.sleep(0.6)  # at 4/s: at least 2.4 in the bucket now
+        assert await gw.store.queue_advance(sale, step([0, 0], [0, 1])) == (2, 2)
+        assert await gw.store.queue_advance(sale, step([0, 0], [0, 1])) == (0, 2)  # a repeat
+        assert await gw.store.queue_advance(sale, step([5, 5], [0, 1])) == (0, 2)  # ahead: skipped
+        state = RoomState.parse(await gw.store.queue_state(sku), sale.generation)
+        assert (state.cursor(0), state.cursor(1), state.admitted) == (1, 1, 2)
+        assert state.admitted <= 4 * (state.last_ms - state.since_ms) / 1000
+        other = RoomState.parse(await gw.store.queue_state(sku), "another-generation")
+        assert other.cursors == {} and other.admitted == 0
+    finally:
+        await gw.close()
