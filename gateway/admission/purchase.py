@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 from gateway.admission.moves import Rebalancer, Refill
 from gateway.admission.outcomes import STATUS, Outcome, outcome_body, render
+from gateway.admission.queue_signing import QueueSigner
 from gateway.admission.sales import SaleCache
 from gateway.admission.soldout import SoldOut
 from gateway.admission.tokens import TokenIssuer
@@ -58,9 +59,12 @@ class PurchaseService:
     rebalancer: Rebalancer
     token_issuer: Callable[[], Awaitable[TokenIssuer]]
     on_fast_answer: Callable[[str], None] = lambda path: None  # e.g. a metric per path
+    # Checks waiting-room passes; None: none can be checked (a sale with a waiting room
+    # then sells to nobody).
+    queue_signer: Callable[[], Awaitable[QueueSigner]] | None = None
 
     async def buy(self, user_id: int, sku: str, key: str, quantity: int,
-                  progress: Progress | None = None) -> Outcome:
+                  queue_pass: str | None = None, progress: Progress | None = None) -> Outcome:
         sale = await self.sales.get(sku)
         if sale is None:
             raise ApiError(404, "SALE_NOT_FOUND", "no sale for this SKU")
@@ -72,12 +76,23 @@ class PurchaseService:
             return refused
         if self.settings.key_mode == "token" and not (await self.token_issuer()).verify(key, user_id):
             raise ApiError(403, "TOKEN_INVALID", "the key is not a token issued to you, or it expired")
+        if sale.admit_rate and not await self._has_pass(queue_pass, sale, user_id):
+            raise ApiError(403, "QUEUE_PASS_REQUIRED",
+                           "this sale has a waiting room: send the X-Queue-Pass it gave you")
         if self.sold_out.answers(sale, user_id):
             # Known sold out, and no other outcome can be stored against this user's keys:
             # answered from memory, not recorded (a key may buy if units come back).
             self.on_fast_answer("sold_out")
             return SOLD_OUT
         return await self._admit(sale, user_id, key, quantity, progress)
+
+    async def _has_pass(self, queue_pass: str | None, sale: Sale, user_id: int) -> bool:
+        """A waiting room's pass for this user and sale, not expired: checked in memory
+        (a signed pass), before any Redis work."""
+        if self.queue_signer is None:
+            return False
+        signer = await self.queue_signer()
+        return signer.valid_pass(queue_pass, sale.sku, sale.generation, user_id)
 
     async def _admit(self, sale: Sale, user_id: int, key: str, quantity: int,
                      progress: Progress | None = None) -> Outcome:

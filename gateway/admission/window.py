@@ -16,7 +16,8 @@ from gateway.models import Sale
 
 # Returned, not raised: a crowd polling before the start is the hot case, and an answer
 # returned costs ~4 µs less than one raised through the middleware.
-_ENDED = Outcome(410, {"code": "SALE_ENDED", "message": "the sale has ended"})
+ENDED_BODY = {"code": "SALE_ENDED", "message": "the sale has ended"}
+_ENDED = Outcome(410, ENDED_BODY)
 
 
 def outside(sale: Sale, now: int) -> Outcome | None:
