@@ -134,12 +134,16 @@ class Gateway:
         each of these in every request at once. Tried again until Redis answers."""
         outage = RedisOutage()
         while True:
-            with outage:
-                await self.store.ping()  # the client's topology, on a Cluster
-                if isinstance(self.store.batcher, Batcher):
-                    await self.store.batcher.warm()
-                await self.store.load_scripts()
-                await self.token_issuer()
+            try:
+                with outage:
+                    await self.store.ping()  # the client's topology, on a Cluster
+                    if isinstance(self.store.batcher, Batcher):
+                        await self.store.batcher.warm()
+                    await self.store.load_scripts()
+                    await self.token_issuer()
+            except Exception:
+                log.exception("start-up failed: /healthz answers 503 until a restart")
+                raise
             if outage.error is None:
                 break
             if self.log_throttle.allow("start-up"):
