@@ -80,6 +80,8 @@ class Gateway:
     relay_consumer: str | None = None
     _issuer: TokenIssuer | None = None
     _queue_signer: QueueSigner | None = None
+    _issuer_loading: asyncio.Task[TokenIssuer] | None = None  # one read of the secret at a time
+    _started: asyncio.Event = field(default_factory=asyncio.Event)  # the start-up work is done
     _gauged: set[str] = field(default_factory=set)  # SKUs with a units_remaining series
     _admin_work: set[asyncio.Task[Any]] = field(default_factory=set)  # creations, deletions
 
@@ -118,10 +120,21 @@ class Gateway:
 
     async def token_issuer(self) -> TokenIssuer:
         """Tokens are signed with SECKILL_TOKEN_SECRET, or else with a secret kept in
-        Redis so that every worker and every restart agrees on it."""
-        if self._issuer is None:
-            secret = self.settings.token_secret or await self.store.token_secret(secrets.token_hex(32))
-            self._issuer = TokenIssuer(secret.encode(), self.settings.idempotency_ttl)
+        Redis so that every worker and every restart agrees on it. Read once, at start
+        (:meth:`start_up`); until it is known, the callers that need it share one read
+        (a failed read fails them all, and the next caller reads again)."""
+        if self._issuer is not None:
+            return self._issuer
+        loading = self._issuer_loading
+        if loading is None or loading.done():
+            loading = self._issuer_loading = asyncio.get_running_loop().create_task(
+                self._load_issuer())
+            loading.add_done_callback(lambda done: done.cancelled() or done.exception())
+        return await asyncio.shield(loading)
+
+    async def _load_issuer(self) -> TokenIssuer:
+        secret = self.settings.token_secret or await self.store.token_secret(secrets.token_hex(32))
+        self._issuer = TokenIssuer(secret.encode(), self.settings.idempotency_ttl)
         return self._issuer
 
     async def queue_signer(self) -> QueueSigner:
@@ -130,6 +143,42 @@ class Gateway:
             issuer = await self.token_issuer()
             self._queue_signer = QueueSigner(issuer.secret, self.settings.queue_pass_ttl)
         return self._queue_signer
+
+    async def start_up(self, pause: float = 0.05, max_pause: float = 1.0) -> None:
+        """What a process does once before it calls itself healthy (``started``): learn
+        the topology and connect (the batcher: every node), load the scripts, read the
+        token secret. Without it, a crowd arriving at the first healthy moment would do
+        each of these in every request at once. Tried again until Redis answers."""
+        outage = RedisOutage()
+        while True:
+            try:
+                with outage:
+                    await self.store.ping()  # the client's topology, on a Cluster
+                    if isinstance(self.store.batcher, Batcher):
+                        await self.store.batcher.warm()
+                    await self.store.load_scripts()
+                    await self.token_issuer()
+            except Exception:
+                log.exception("start-up failed: /healthz answers 503 until a restart")
+                raise
+            if outage.error is None:
+                break
+            if self.log_throttle.allow("start-up"):
+                log.warning("start-up: Redis does not answer; trying again",
+                            extra={"error": repr(outage.error)})
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, max_pause)
+        self._started.set()
+        log.info("started")
+
+    async def started(self, timeout: float) -> bool:
+        """True once the start-up work is done; waits for it up to ``timeout`` seconds."""
+        if not self._started.is_set():
+            try:
+                await asyncio.wait_for(self._started.wait(), timeout)
+            except asyncio.TimeoutError:
+                return False
+        return True
 
     def forget_sale(self, sku: str) -> None:
         """The sale was created or deleted here: drop what this process remembers of it."""
@@ -206,25 +255,17 @@ class Gateway:
                 "rate_at_ms": room.last_ms}
 
     def start_background(self) -> None:
+        self.tasks.append(asyncio.create_task(self.start_up(), name="start-up"))
         self.tasks.append(asyncio.create_task(
             self.rebalancer.sweep_forever(observe=self._show_remaining), name="transfer-sweep"))
         self.tasks.append(asyncio.create_task(
             self.sold_out.watch_forever(self.sales.cached), name="sold-out-watch"))
         self.tasks.append(asyncio.create_task(self.admitter.run_forever(), name="admitter"))
-        if isinstance(self.store.batcher, Batcher):
-            self.tasks.append(asyncio.create_task(self._warm(self.store.batcher), name="warm"))
         if self.settings.relay and self.settings.upstream_url:
             overrides = {"consumer": self.relay_consumer} if self.relay_consumer else {}
             self.relay = Relay.from_settings(
                 self.settings, self.metrics, RelayConfig.from_settings(self.settings, **overrides))
             self.relay.start()
-
-    async def _warm(self, batcher: Batcher) -> None:
-        with RedisOutage() as outage:
-            await batcher.warm()
-        if outage.error:
-            log.warning("could not connect to every Redis node at start; connecting on demand",
-                        extra={"error": repr(outage.error)})
 
     def _show_remaining(self, remaining: dict[str, int]) -> None:
         gauge = self.metrics.units_remaining

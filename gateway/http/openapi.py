@@ -144,7 +144,8 @@ def build() -> dict[str, Any]:
             },
             "/healthz": {"get": {"operationId": "health", "responses": {
                 "200": _answer("Redis answers", {"type": "object"}),
-                "503": _answer("Redis unreachable", headers=_RETRY_AFTER)}}},
+                "503": _answer("Redis unreachable, or the gateway still starting",
+                               headers=_RETRY_AFTER)}}},
             "/metrics": {"get": {"operationId": "metrics", "responses": {
                 "200": {"description": "Prometheus text format",
                         "content": {"text/plain": {"schema": {"type": "string"}}}},

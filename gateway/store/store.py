@@ -21,7 +21,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from gateway.models import Order, Sale, ShardState, Transfer
 from gateway.store.connection import RedisClient
 from gateway.store.keys import KeySpace, ShardKeys, key_shard, new_order_no, shard_of_order
-from gateway.store.scripts import ScriptRunner, transfer
+from gateway.store.scripts import ScriptRunner, every_script, transfer
 from gateway.store.scripts import compensate as compensate_script
 from gateway.store.scripts import mark_delivered as mark_delivered_script
 from gateway.store.scripts import purchase as purchase_script
@@ -105,6 +105,12 @@ class Store:
 
     async def close(self) -> None:
         await self.client.aclose()
+
+    async def load_scripts(self) -> None:
+        """Load every script (on every primary), so that the first calls after a start
+        do not all meet NOSCRIPT at once. One at a time: a handful of connections."""
+        for script in every_script():
+            await self.client.script_load(script.source)
 
     # -- sales ------------------------------------------------------------------
 

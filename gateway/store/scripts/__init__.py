@@ -85,3 +85,10 @@ class Script:
         except NoScriptError:
             await runner.script_load(self.source)
             return await runner.evalsha(self.sha, len(keys), *keys, *args)
+
+
+def every_script() -> list[Script]:
+    """Every script of this package (the includes aside), to load them all at once."""
+    names = sorted(entry.name.removesuffix(".lua") for entry in resources.files(__name__).iterdir()
+                   if entry.name.endswith(".lua") and entry.is_file())
+    return [Script.load(name) for name in names]
