@@ -15,6 +15,14 @@ state of every sale answered this way every ``watch_every`` seconds: when units 
 (a refused, expired or cancelled order), every process stops within that time; and a
 process that cannot confirm the state for ``stale_after`` seconds (Redis unreachable)
 stops too.
+
+Reads of the state are shared, but only by callers that arrived before the read was
+sent: a caller asks after its own purchase found its shard empty, and a read sent
+before that could miss a unit given back in between (a false sold-out). So callers
+join the read that has not started yet; once it starts, newcomers gather for the next.
+A crowd on empty shards then costs a read per loop turn, not one per buyer; and the
+read is a script call in the batcher's pipeline (``Store.sold_out_state``), since
+redis-py's clients open a connection per concurrent command.
 """
 
 from __future__ import annotations
@@ -42,12 +50,21 @@ class _Known:
 
 
 @dataclass(slots=True)
+class _Read:
+    """A read of one sale's state and the callers that share it."""
+
+    result: asyncio.Future[SoldOutState]
+
+
+@dataclass(slots=True)
 class SoldOut:
     store: Store
     watch_every: float = 0.2
     stale_after: float = 1.0
     _known: dict[str, _Known] = field(default_factory=dict)
     _learning: dict[str, asyncio.Task[None]] = field(default_factory=dict)
+    _gathering: dict[tuple[str, str], _Read] = field(default_factory=dict)  # reads not sent yet
+    _reads: set[asyncio.Task[None]] = field(default_factory=set)
 
     def known(self, sku: str) -> bool:
         """Known (and confirmed within ``stale_after`` seconds) to have no units anywhere."""
@@ -64,10 +81,31 @@ class SoldOut:
     async def read(self, sale: Sale) -> SoldOutState:
         """The shared state, read before a consistent read of the shards (its counter
         of returns is what ``confirm`` compares). Sold out: the fast path is prepared."""
-        state = await self.store.sold_out_state(sale)
+        key = (sale.sku, sale.generation)
+        read = self._gathering.get(key)
+        if read is None:
+            loop = asyncio.get_running_loop()
+            read = self._gathering[key] = _Read(loop.create_future())
+            task = loop.create_task(self._read(key, sale, read))
+            self._reads.add(task)
+            task.add_done_callback(self._reads.discard)
+        return await asyncio.shield(read.result)  # a cancelled caller leaves the others
+
+    async def _read(self, key: tuple[str, str], sale: Sale, read: _Read) -> None:
+        # From here on the read may be sent: whoever comes now waits for the next one.
+        del self._gathering[key]
+        try:
+            state = await self.store.sold_out_state(sale)
+        except asyncio.CancelledError:  # the gateway is closing
+            read.result.cancel()
+            raise
+        except Exception as exc:
+            read.result.set_exception(exc)
+            read.result.exception()  # retrieved, even if every caller has gone
+            return
+        read.result.set_result(state)
         if state.sold_out:
             self._learn(sale)
-        return state
 
     async def confirm(self, sale: Sale, seen: SoldOutState) -> bool:
         """A consistent read of every shard, begun after ``seen`` was read, found no unit

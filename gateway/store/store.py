@@ -298,8 +298,9 @@ class Store:
     # -- sold out ---------------------------------------------------------------
 
     async def sold_out_state(self, sale: Sale) -> SoldOutState:
-        record: dict[str, str] = await self.client.hgetall(self.keys.sale(sale.sku))  # type: ignore[assignment]
-        return _sold_out_state(sale, record)
+        """Through the batcher (a crowd at the sell-out reads it at once: one pipeline per
+        node, not a connection per read)."""
+        return _sold_out_state(sale, await sold_out_script.read(self._runner(), self.keys.sale(sale.sku)))
 
     async def sold_out_states(self, sales: list[Sale]) -> list[SoldOutState]:
         """The states of several sales in one round trip (per node)."""
@@ -318,7 +319,7 @@ class Store:
         return {int(user) for members in await pipe.execute() for user in members}
 
     async def mark_sold_out(self, sale: Sale, seen: SoldOutState) -> bool:
-        return await sold_out_script.mark(self.client, self.keys.sale(sale.sku), seen.returns,
+        return await sold_out_script.mark(self._runner(), self.keys.sale(sale.sku), seen.returns,
                                           sale.generation, now_ms())
 
     async def count_return(self, order: Order, step: str) -> None:
