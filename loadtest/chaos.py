@@ -1132,7 +1132,8 @@ class Chaos:
         for order_no, (sale_index, use) in self.orders.items():
             state = self.sales[sale_index]
             order = await self.calm(partial(store.get_order, order_no))
-            told = next(o for s in use.sends if (o := outcome_of(s.status, s.body)) and o[1] == order_no)
+            told = next(o for s in use.sends
+                        if (o := outcome_of(s.status, s.body)) and o[0] == "OK" and o[1] == order_no)
             if order is None:
                 if not state.deleted_after(use.first_start):
                     self.problem("admitted_order_missing", 5,
