@@ -110,23 +110,27 @@ class SoldOut:
         outage = RedisOutage()
         while True:
             await asyncio.sleep(self.watch_every)
-            watched = [sale for sale in map(cached, list(self._known)) if sale is not None]
-            for sku in [sku for sku in self._known if cached(sku) is None]:
-                self.forget(sku)
-            if not watched:
-                continue
             with outage:
-                states = await self.store.sold_out_states(watched)
-                now = time.monotonic()
-                for sale, state in zip(watched, states):
-                    entry = self._known.get(sale.sku)
-                    if entry is None:
-                        continue
-                    if state.sold_out and entry.generation == sale.generation:
-                        entry.confirmed = now
-                    else:
-                        self.forget(sale.sku)
+                await self.refresh(cached)
             # On an outage, entries age past ``stale_after`` and the fast path stops.
+
+    async def refresh(self, cached: Callable[[str], Sale | None]) -> None:
+        """One watch: confirm, or forget, every sale this process answers from memory."""
+        watched = [sale for sale in map(cached, list(self._known)) if sale is not None]
+        for sku in [sku for sku in self._known if cached(sku) is None]:
+            self.forget(sku)
+        if not watched:
+            return
+        states = await self.store.sold_out_states(watched)
+        now = time.monotonic()
+        for sale, state in zip(watched, states):
+            entry = self._known.get(sale.sku)
+            if entry is None:
+                continue
+            if state.sold_out and entry.generation == sale.generation:
+                entry.confirmed = now
+            else:
+                self.forget(sale.sku)
 
     async def aclose(self) -> None:
         for task in list(self._learning.values()):
