@@ -621,3 +621,124 @@ async def test_a_release_after_the_end_gives_units_back_and_nothing_sells(
         snap = await _conserved(gw.store, sale)
         assert (snap.remaining, snap.sold, snap.released) == (2, 0, 1), snap
 
+
+
+# == 6. more: stale moves, crashed moves, racing returns, a deleted sale's orders =================
+
+async def test_a_move_of_a_deleted_sale_resent_into_its_successor_moves_nothing(
+        backend: Backend, sku: str) -> None:
+    """Resent steps 1 and 2 of a move (same id) that arrive after the sale was deleted and
+    created again with the same shards: the new sale loses and gains no unit."""
+    settings = backend.settings(key_mode="client")
+    gw = Gateway.build(settings)
+    try:
+        old = await gw.store.create_sale(Sale(sku, 6, shards=2))
+        assert old is not None
+        tid = uuid.uuid4().hex
+        out = await gw.store.transfer_out(old, 0, 1, 2, tid)
+        assert out is not None and out[0] == 2
+        await gw.store.delete_sale(old)
+        new = await gw.store.create_sale(Sale(sku, 6, shards=2))
+        assert new is not None and new.generation != old.generation
+        assert await gw.store.transfer_out(old, 0, 1, 2, tid) is None
+        move = Transfer(tid, 0, 1, out[1], out[0], 0)
+        assert await gw.store.transfer_in(old, move) is transfer_script.Applied.NO_SHARD
+        snap = await _conserved(gw.store, new)
+        assert [s.remaining for s in snap.states] == [3, 3], snap
+    finally:
+        await gw.close()
+
+
+async def test_units_held_by_moves_a_crash_left_half_done_are_sold_not_sold_out(
+        backend: Backend, sku: str) -> None:
+    """No false SOLD_OUT with moves in flight: every unit of the sale sits in transfer
+    records whose mover died before step 2. Buyers in both shards get 200, the last
+    buyer 410; nothing is lost."""
+    settings = backend.settings(key_mode="client")
+    gw = Gateway.build(settings)
+    try:
+        sale = await gw.store.create_sale(Sale(sku, 2, shards=2))
+        assert sale is not None
+        assert (await gw.store.transfer_out(sale, 0, 1, 1, uuid.uuid4().hex))[0] == 1  # type: ignore[index]
+        assert (await gw.store.transfer_out(sale, 1, 0, 1, uuid.uuid4().hex))[0] == 1  # type: ignore[index]
+        assert [s.remaining for s in await gw.store.shard_states(sale)] == [0, 0]
+        first = await gw.purchases.buy(0, sku, "key-00000000001", 1)
+        second = await gw.purchases.buy(1, sku, "key-00000000002", 1)
+        assert (first.status, second.status) == (200, 200), (first.body, second.body)
+        last = await gw.purchases.buy(3, sku, "key-00000000003", 1)
+        assert last.status == 410, last.body
+        assert sorted(first.body["units"] + second.body["units"]) == [1, 2]
+        snap = await _conserved(gw.store, sale)
+        assert (snap.sold, snap.remaining, snap.in_transfer) == (2, 0, 0), snap
+    finally:
+        await gw.close()
+
+
+async def test_a_rejection_and_a_release_of_one_order_at_once_return_its_units_once(
+        backend: Backend, sku: str) -> None:
+    """The relay's rejection and an admin release of the same order, each sent three
+    times, all at once: its units come back once and are sold again once."""
+    settings = backend.settings(key_mode="client")
+    gw = Gateway.build(settings)
+    try:
+        sale = await gw.store.create_sale(Sale(sku, 3, per_user_limit=2, shards=2))
+        assert sale is not None
+        bought = await gw.purchases.buy(0, sku, "key-00000000001", 2)
+        assert bought.status == 200
+        order = await gw.store.get_order(bought.body["order_no"])
+        assert order is not None
+        results = await asyncio.gather(*(
+            [gw.returns.reject(order, "refused") for _ in range(3)]
+            + [gw.returns.release(order, "cancelled") for _ in range(3)]))
+        done = [r for r in results
+                if (r if isinstance(r, compensate_script.Compensated) else r.outcome)
+                is compensate_script.Compensated.DONE]
+        assert len(done) == 1, results
+        snap = await _conserved(gw.store, sale)
+        assert (snap.remaining, snap.sold) == (3, 0), snap
+        again = [await gw.purchases.buy(u, sku, f"key-again-{u:04d}", 1) for u in range(10, 14)]
+        assert [r.status for r in again] == [200, 200, 200, 410], [r.body for r in again]
+    finally:
+        await gw.close()
+
+
+async def test_a_release_of_an_order_of_a_deleted_sale_gives_nothing_to_its_successor(
+        backend: Backend, sku: str) -> None:
+    """The orders service releases an order whose sale was deleted and created again:
+    404 (unknown order), and the new sale gains no unit."""
+    async with serve(backend.settings(key_mode="client")) as api:
+        await api.create_sale(sku, 2, shards=2)
+        status, body, _ = await api.buy(sku, 0, "key-00000000001")
+        assert status == 200, body
+        resp = await api.client.delete(f"/admin/sales/{sku}", headers=api.admin)
+        assert resp.status == 204
+        await api.create_sale(sku, 2, shards=2)
+        url = f"/admin/orders/{body['order_no']}/release"
+        resp = await api.client.post(url, json={"reason": "expired"}, headers=api.admin)
+        assert resp.status == 404, await resp.text()
+        state = await api.sale(sku)
+        assert (state["remaining"], state["sold"]) == (2, 0), state
+
+
+async def test_a_purchase_refused_before_the_start_by_redis_leaves_the_key_usable(
+        backend: Backend, sku: str) -> None:
+    """The process's clock says the sale has started, Redis's clock says not yet (a 4-shard
+    sale: the key is bound in its own slot first): 403 SALE_NOT_STARTED, nothing recorded,
+    and the same request with the same key buys once the sale is open."""
+    settings = backend.settings(key_mode="client")
+    gw = Gateway.build(settings)
+    try:
+        sale = await gw.store.create_sale(Sale(sku, 4, shards=4))
+        assert sale is not None
+        user, key = 13, "key-too-early-01"
+        stock = gw.store.keys.shard(sku, user % 4).stock
+        await gw.store.client.hset(stock, "starts_at", 4_000_000_000_000)  # Redis: not yet
+        with pytest.raises(ApiError) as early:
+            await gw.purchases.buy(user, sku, key, 1)
+        assert early.value.code == "SALE_NOT_STARTED"
+        assert (await _conserved(gw.store, sale)).sold == 0
+        await gw.store.client.hset(stock, "starts_at", 0)  # open
+        bought = await gw.purchases.buy(user, sku, key, 1)
+        assert bought.status == 200, bought.body
+    finally:
+        await gw.close()
