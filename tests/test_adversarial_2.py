@@ -28,9 +28,17 @@ Attack -> result -> fix:
          delivered the released order at the next retry -> it looks again before
          every retry (gateway/delivery/relay.py)
   fast path for a key used on another sale; every script resent with the same
-  arguments; moves resent after later steps; purchase exactly at ``ends_at``; release
-  after the end; breaker opening and closing with refused orders; concurrent resends
-  of one key through two processes -> defended.
+  arguments; moves resent after later steps, or into a re-created sale; moves a crash
+  left half-done holding every unit; a rejection and a release of one order at once;
+  a release of a deleted sale's order; purchase exactly at ``ends_at``, or before the
+  start by Redis's clock only; release after the end; breaker opening and closing with
+  refused orders; concurrent resends of one key through two processes -> defended.
+
+Not fixed (noted): a release that lands while the order's POST is on the wire cannot
+stop that POST (the relay logs it; if the endpoint keeps that order, a unit sold again
+meets UNIT_TAKEN and stays counted as sold); a key that bought just before ``ends_at``
+and is resent after it hears 410 SALE_ENDED (the contract ranks SALE_ENDED before
+IDEMPOTENT_CONFLICT), its order still delivered and shown by GET /api/orders.
 """
 
 from __future__ import annotations
