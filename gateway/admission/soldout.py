@@ -10,9 +10,12 @@ key cannot hold another outcome: a user with no outcome but SOLD_OUT recorded on
 sale. Those who have one (buyers, also those whose order went back since, and those
 refused for their limit) still go to Redis, where their key may carry a 200 to replay.
 The set of such users is loaded when the process learns the sale is sold out; while it
-stays sold out nobody joins it (no purchase can succeed). A watcher re-reads the sold-out
+stays sold out nobody joins it (no purchase can succeed). "Stays" is judged by the sale's
+count of returns, not by the mark alone: units that come back, are bought and sell out
+again leave a new mark, and a buyer the set does not hold. A watcher re-reads the sold-out
 state of every sale answered this way every ``watch_every`` seconds: when units come back
-(a refused, expired or cancelled order), every process stops within that time; and a
+(a refused, expired or cancelled order), every process stops within that time, also if
+the sale is sold out again by then (another count of returns: the set is loaded anew); and a
 process that cannot confirm the state for ``stale_after`` seconds (Redis unreachable)
 stops too.
 
@@ -45,6 +48,7 @@ class _Known:
     """A sale this process knows to be sold out."""
 
     generation: str
+    returns: str             # the sale's count of returns the state was learnt under
     touched: frozenset[int]  # users with another outcome recorded: they go to Redis
     confirmed: float         # time.monotonic() of the last read that said sold out
 
@@ -105,25 +109,32 @@ class SoldOut:
             return
         read.result.set_result(state)
         if state.sold_out:
-            self._learn(sale)
+            self._learn(sale, state)
 
     async def confirm(self, sale: Sale, seen: SoldOutState) -> bool:
         """A consistent read of every shard, begun after ``seen`` was read, found no unit
         and no move in flight. Recorded (and True) unless units came back meanwhile."""
         if await self.store.mark_sold_out(sale, seen):
-            self._learn(sale)
+            self._learn(sale, SoldOutState(True, seen.returns))
             return True
         return False
 
     def forget(self, sku: str) -> None:
         self._known.pop(sku, None)
 
-    def _learn(self, sale: Sale) -> None:
+    def _still(self, entry: _Known, sale: Sale, state: SoldOutState) -> bool:
+        """Whether ``state`` (sold out) is the one ``entry`` was learnt under. Units that
+        came back since (another count of returns) may have been bought by users the
+        entry does not list, even if the sale is sold out again: it must be learnt anew."""
+        return entry.generation == sale.generation and entry.returns == state.returns
+
+    def _learn(self, sale: Sale, state: SoldOutState) -> None:
         """Load, in the background, who must still go to Redis; then answer the others."""
         entry = self._known.get(sale.sku)
-        if entry is not None and entry.generation == sale.generation:
+        if entry is not None and self._still(entry, sale, state):
             entry.confirmed = time.monotonic()
             return
+        self.forget(sale.sku)
         if sale.sku in self._learning:
             return
         task = asyncio.get_running_loop().create_task(self._load(sale))
@@ -132,13 +143,19 @@ class SoldOut:
 
     async def _load(self, sale: Sale) -> None:
         with RedisOutage() as outage:
-            # Sold out first, then the users: nobody is added to them while it stays so.
+            # Sold out first, then the users, then sold out again under the same count of
+            # returns: nobody is added to the users while it stays so (a new one needs
+            # units that came back, and every return changes the count).
+            first = await self.store.sold_out_state(sale)
+            if not first.sold_out:
+                return
             touched = await self.store.touched_users(sale)
             still = await self.store.sold_out_state(sale)
-            if still.sold_out:
+            if still.sold_out and still.returns == first.returns:
                 if len(self._known) > 10_000:
                     self._known.clear()
-                self._known[sale.sku] = _Known(sale.generation, frozenset(touched), time.monotonic())
+                self._known[sale.sku] = _Known(sale.generation, first.returns, frozenset(touched),
+                                               time.monotonic())
         if outage.error:
             log.warning("could not load a sold-out sale's buyers", extra={"sku": sale.sku})
 
@@ -148,23 +165,27 @@ class SoldOut:
         outage = RedisOutage()
         while True:
             await asyncio.sleep(self.watch_every)
-            watched = [sale for sale in map(cached, list(self._known)) if sale is not None]
-            for sku in [sku for sku in self._known if cached(sku) is None]:
-                self.forget(sku)
-            if not watched:
-                continue
             with outage:
-                states = await self.store.sold_out_states(watched)
-                now = time.monotonic()
-                for sale, state in zip(watched, states):
-                    entry = self._known.get(sale.sku)
-                    if entry is None:
-                        continue
-                    if state.sold_out and entry.generation == sale.generation:
-                        entry.confirmed = now
-                    else:
-                        self.forget(sale.sku)
+                await self.refresh(cached)
             # On an outage, entries age past ``stale_after`` and the fast path stops.
+
+    async def refresh(self, cached: Callable[[str], Sale | None]) -> None:
+        """One watch: confirm, or forget, every sale this process answers from memory."""
+        watched = [sale for sale in map(cached, list(self._known)) if sale is not None]
+        for sku in [sku for sku in self._known if cached(sku) is None]:
+            self.forget(sku)
+        if not watched:
+            return
+        states = await self.store.sold_out_states(watched)
+        now = time.monotonic()
+        for sale, state in zip(watched, states):
+            entry = self._known.get(sale.sku)
+            if entry is None:
+                continue
+            if state.sold_out and self._still(entry, sale, state):
+                entry.confirmed = now
+            else:
+                self.forget(sale.sku)  # (learnt again by the next purchase that needs units)
 
     async def aclose(self) -> None:
         for task in list(self._learning.values()):

@@ -292,17 +292,24 @@ class Relay:
             self.metrics.relay_delivered.labels("released").inc()
         else:
             verdict = await self._post_until_decided(purchase)
-            await self._settle(purchase, verdict)
+            if verdict is None:
+                self.metrics.relay_delivered.labels("released").inc()
+            else:
+                await self._settle(purchase, verdict)
         await self._redis(lambda: self.streams.done(stream, entry_id), "acknowledge")
 
     async def _released_before_delivery(self, purchase: Purchase) -> bool:
         """An order released (by an admin) before it was delivered is never delivered:
-        its units are back in the sale. (A release that comes while its POST is in
-        flight cannot stop that POST: ``_settle`` logs it.)"""
+        its units are back in the sale. Asked before the first POST and before every
+        retry (a release may come while the endpoint fails or delivery is paused). (A
+        release that comes while a POST is in flight cannot stop that POST: ``_settle``
+        logs it.)"""
         order = await self._redis(lambda: self.store.get_order(purchase.order_no), "read order")
         return order is not None and order.status == "released"
 
-    async def _post_until_decided(self, purchase: Purchase) -> Verdict:
+    async def _post_until_decided(self, purchase: Purchase) -> Verdict | None:
+        """The endpoint's verdict; None: the order was released while its delivery was
+        retried or paused, and is not posted again."""
         assert self._session is not None
         headers = {"Content-Type": "application/json", "Idempotency-Key": purchase.order_no}
         if self.upstream_token:
@@ -312,6 +319,8 @@ class Relay:
         while True:
             wait = 0.0
             await self.breaker.may_post()  # (paused: only one probe now and then)
+            if attempt and await self._released_before_delivery(purchase):
+                return None
             try:
                 async with self._session.post(self.upstream_url, data=body, headers=headers,
                                               allow_redirects=False) as response:

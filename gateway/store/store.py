@@ -39,6 +39,10 @@ T = TypeVar("T")
 # Shards created at a time (the lease is renewed between batches).
 CREATE_BATCH = 256
 
+# A key's binding (claim_key.lua) outlives the outcome its purchase records in another
+# slot by this much: that purchase runs after the binding, within the same request.
+BIND_MARGIN_S = 60
+
 
 def now_ms() -> int:
     return int(time.time() * 1000)
@@ -339,7 +343,8 @@ class Store:
         """False: the key was used for another request (another sale or quantity)."""
         return await purchase_script.bind_key(
             self.batcher or self.client, self.keys.key_record(user_id, key),
-            purchase_script.fingerprint(sale.sku, quantity, sale.generation), self.outcome_ttl)
+            purchase_script.fingerprint(sale.sku, quantity, sale.generation),
+            self.outcome_ttl + BIND_MARGIN_S)
 
     async def purchase(self, sale: Sale, user_id: int, key: str, quantity: int,
                        shard: int, short_outcome: str = "") -> purchase_script.Reply:
