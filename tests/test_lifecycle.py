@@ -36,6 +36,7 @@ async def test_before_the_start_nothing_is_recorded_and_no_redis_call_is_made(pr
                                                                                   sku: str) -> None:
     settings = proxied.backend.settings(token_secret="lifecycle-secret")
     async with serve(settings) as api:
+        assert await api.gateway.started(30)  # its start-up work (scripts loaded) is done
         created = await api.create_sale(sku, 5, starts_at=_at(2.5))
         assert created["starts_at"] == to_rfc3339(parse_rfc3339(created["starts_at"]))
         token = await api.token(3)  # tokens can be had before the start
