@@ -36,8 +36,10 @@ server_s + 1)``). The checks count only what the intervals prove:
     holds belongs to a user the waiting room admitted [``order_without_admission``].
 (d) A ticket's ``position`` never grows [``position_grew``].
 (e) One user, one place: no user holds two tickets [``two_tickets``], no ticket or
-    pass is given to two users [``ticket_shared``, ``pass_shared``], no user is admitted
-    with two passes [``admitted_twice``].
+    pass is given to two users [``ticket_shared``, ``pass_shared``], and a user once
+    admitted is never put back in line to be let through again (a later answer
+    ``QUEUED``) [``admitted_twice``]. A fresh pass on a later poll is not a second
+    admission: a pass may carry its expiry.
 
 It also measures: users joined (before / after the start), admitted, bought, told
 ``SOLD_OUT`` / ``SALE_ENDED``, still waiting; admissions per second (mean over the
@@ -404,9 +406,13 @@ def check_places(a: Analysis) -> list[Finding]:
         if len(j.tickets) > 1:
             out.append(Finding("two_tickets", f"user {j.user_id} holds {len(j.tickets)} tickets: "
                                               f"{', '.join(sorted(j.tickets))[:160]}"))
-        if len(j.passes) > 1:
-            out.append(Finding("admitted_twice", f"user {j.user_id} was admitted with {len(j.passes)} "
-                                                 f"different passes"))
+        first = j.admission
+        if first is not None:
+            again = next((x for x in j.answers if x.queued and x.t0 > first.ts), None)
+            if again is not None:
+                out.append(Finding("admitted_twice",
+                                   f"user {j.user_id} was admitted at t={first.ts:.3f}, then answered QUEUED "
+                                   f"(position {again.position}) at t={again.ts:.3f}: back in line"))
         for t in j.tickets:
             holders[t].add(j.user_id)
         for p in j.passes:

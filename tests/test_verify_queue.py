@@ -282,7 +282,18 @@ def test_catches_two_tickets_a_shared_ticket_and_a_shared_pass():
     admitted = [e for e in answers if e["code"] == "ADMITTED"]
     sim.entries.append(dict(admitted[1], **{"pass": admitted[0]["pass"]}))  # user 2 gets user 1's pass too
     found = kinds(findings(sim))
-    assert {"two_tickets", "ticket_shared", "pass_shared", "admitted_twice"} <= found
+    assert {"two_tickets", "ticket_shared", "pass_shared"} <= found
+
+
+def test_a_fresh_pass_is_fine_but_back_in_line_after_admission_is_not():
+    sim = Sim(pre=100, post=0).run()
+    adm = next(e for e in sim.entries if e.get("code") == "ADMITTED")
+    sim.entries.append(dict(adm, step="poll", t0=adm["ts"] + 1, ts=adm["ts"] + 1.01, **{"pass": "renewed"}))
+    assert findings(sim) == []
+    sim.entries.append(dict(adm, step="poll", t0=adm["ts"] + 2, ts=adm["ts"] + 2.01, status=202, code="QUEUED",
+                            position=3, **{"pass": None}))
+    found = [f for f in findings(sim) if f.kind == "admitted_twice"]
+    assert len(found) == 1 and f"user {adm['user_id']} " in found[0].message
 
 
 # -- the numbers --------------------------------------------------------------------------------
