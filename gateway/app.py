@@ -19,13 +19,17 @@ from typing import Any, TypeVar
 import orjson
 from aiohttp import web
 
+from gateway.admission.admitter import Admitter
 from gateway.admission.moves import Rebalancer
 from gateway.admission.purchase import PurchaseService
+from gateway.admission.queue_signing import QueueSigner
 from gateway.admission.returns import Returns
+from gateway.admission.room_state import RoomState
 from gateway.admission.sales import SaleCache
 from gateway.admission.snapshot import read_sale
 from gateway.admission.soldout import SoldOut
 from gateway.admission.tokens import TokenIssuer
+from gateway.admission.waiting_room import WaitingRoom
 from gateway.aio import cancel_and_wait
 from gateway.config import Settings
 from gateway.delivery.relay import Relay, RelayConfig
@@ -42,6 +46,7 @@ from gateway.models import Order, Sale
 from gateway.store.connection import RedisClient, RedisOutage, connect, is_redis_failure
 from gateway.store.keys import KeySpace
 from gateway.store.scripts import purchase as purchase_script
+from gateway.store.scripts import queue as queue_script
 from gateway.store.store import Store
 from gateway.store.transport import Batcher, make_batcher
 
@@ -66,12 +71,15 @@ class Gateway:
     user_limiter: RateLimiter
     ip_limiter: RateLimiter
     openapi_json: bytes
+    room: WaitingRoom = None  # type: ignore[assignment]  # set by build
+    admitter: Admitter = None  # type: ignore[assignment]  # set by build
     in_flight: int = 0
     log_throttle: LogThrottle = field(default_factory=LogThrottle)
     tasks: list[asyncio.Task[Any]] = field(default_factory=list)
     relay: Relay | None = None
     relay_consumer: str | None = None
     _issuer: TokenIssuer | None = None
+    _queue_signer: QueueSigner | None = None
     _gauged: set[str] = field(default_factory=set)  # SKUs with a units_remaining series
     _admin_work: set[asyncio.Task[Any]] = field(default_factory=set)  # creations, deletions
 
@@ -87,8 +95,7 @@ class Gateway:
             warn()
 
         batcher = make_batcher(client, settings, on_batch=metrics.batch_size.observe,
-                               must_replicate=purchase_script.admits,
-                               replicated=purchase_script.needs_replicas,
+                               must_replicate=_must_replicate, replicated=_needs_replicas,
                                on_unprotected=unprotected)
         store = Store(client, KeySpace(settings.key_prefix), outcome_ttl=settings.idempotency_ttl,
                       batcher=batcher)
@@ -103,7 +110,9 @@ class Gateway:
                  openapi_json=orjson.dumps(build_openapi()))
         fast = {path: metrics.fast_answers.labels(path) for path in ("window", "sold_out")}
         gw.purchases = PurchaseService(settings, store, sales, sold_out, rebalancer, gw.token_issuer,
-                                       on_fast_answer=lambda path: fast[path].inc())
+                                       gw.queue_signer, on_fast_answer=lambda path: fast[path].inc())
+        gw.room = WaitingRoom(store, sales, sold_out, gw.queue_signer, settings.queue_pass_ttl)
+        gw.admitter = Admitter(store, sold_out, gw.room)
         return gw
 
     async def token_issuer(self) -> TokenIssuer:
@@ -114,10 +123,18 @@ class Gateway:
             self._issuer = TokenIssuer(secret.encode(), self.settings.idempotency_ttl)
         return self._issuer
 
+    async def queue_signer(self) -> QueueSigner:
+        """Waiting-room tickets and passes, signed with keys derived from the token secret."""
+        if self._queue_signer is None:
+            issuer = await self.token_issuer()
+            self._queue_signer = QueueSigner(issuer.secret, self.settings.queue_pass_ttl)
+        return self._queue_signer
+
     def forget_sale(self, sku: str) -> None:
         """The sale was created or deleted here: drop what this process remembers of it."""
         self.sales.forget(sku)
         self.sold_out.forget(sku)
+        self.room.forget(sku)
 
     async def create_sale(self, sale: Sale) -> Sale | None:
         """Create the sale (False: the SKU is taken). The creation runs to its end even
@@ -167,18 +184,32 @@ class Gateway:
         sale, state = found
         snap = await read_sale(self.store, sale)
         self.metrics.units_remaining.labels(sku).set(snap.remaining)
+        settings = sale_settings(sale)
+        if sale.admit_rate:
+            settings["waiting_room"] = {**settings["waiting_room"], **await self._room_counts(sale)}
         return {
-            **sale_settings(sale), "state": state, "sold": snap.sold, "remaining": snap.remaining,
+            **settings, "state": state, "sold": snap.sold, "remaining": snap.remaining,
             "released": snap.released, "in_transfer": snap.in_transfer, "sold_out": snap.sold_out,
             "shards": [{"shard": s.shard, "remaining": s.remaining, "sold": s.sold,
                         "transfers_out": len(s.transfers_out)} for s in snap.states],
         }
+
+    async def _room_counts(self, sale: Sale) -> dict[str, Any]:
+        """The waiting room's counts: tickets joined, admitted, waiting; and the clock of
+        its rate's bucket (Redis's: when it started, when it last filled)."""
+        joined = sum(await self.store.queue_lengths(sale))
+        room = RoomState.parse(await self.store.queue_state(sale.sku), sale.generation)
+        return {"joined": joined, "admitted": room.admitted,
+                "waiting": max(0, joined - room.admitted), "sold_out": room.sold_out,
+                "units_left": room.units_left, "rate_since_ms": room.since_ms,
+                "rate_at_ms": room.last_ms}
 
     def start_background(self) -> None:
         self.tasks.append(asyncio.create_task(
             self.rebalancer.sweep_forever(observe=self._show_remaining), name="transfer-sweep"))
         self.tasks.append(asyncio.create_task(
             self.sold_out.watch_forever(self.sales.cached), name="sold-out-watch"))
+        self.tasks.append(asyncio.create_task(self.admitter.run_forever(), name="admitter"))
         if isinstance(self.store.batcher, Batcher):
             self.tasks.append(asyncio.create_task(self._warm(self.store.batcher), name="warm"))
         if self.settings.relay and self.settings.upstream_url:
@@ -242,6 +273,16 @@ class Gateway:
                             extra={"backlog": left})
                 return
             await asyncio.sleep(0.05)
+
+
+def _must_replicate(sha: str, raw: Any) -> bool:
+    """Replies held until a replica has the write: admitted purchases, queue places and
+    admission cursors."""
+    return purchase_script.admits(sha, raw) or queue_script.must_replicate(sha, raw)
+
+
+def _needs_replicas(sha: str) -> bool:
+    return purchase_script.needs_replicas(sha) or queue_script.needs_replicas(sha)
 
 
 class _Throttled:

@@ -74,6 +74,8 @@ class Settings:
     # Refusals in a row (same status, distinct orders) after which delivery pauses instead
     # of giving more units back: a wrong endpoint must not empty a sale.
     relay_pause_after: int = 5
+    # Waiting room: seconds a pass (X-Queue-Pass) lets its user buy once admitted.
+    queue_pass_ttl: int = 120
 
     def __post_init__(self) -> None:
         for name, allowed in _CHOICES.items():
@@ -96,6 +98,8 @@ class Settings:
             raise ConfigError(f"{ENV_PREFIX}REPLICA_ACK_TIMEOUT_MS must be between 1 and 10000")
         if not 1 <= self.relay_pause_after <= 10_000:
             raise ConfigError(f"{ENV_PREFIX}RELAY_PAUSE_AFTER must be between 1 and 10000")
+        if not 1 <= self.queue_pass_ttl <= 86_400:
+            raise ConfigError(f"{ENV_PREFIX}QUEUE_PASS_TTL must be between 1 and 86400 seconds")
         if not 100 <= self.relay_claim_idle_ms <= 86_400_000:
             raise ConfigError(f"{ENV_PREFIX}RELAY_CLAIM_IDLE_MS must be between 100 and 86400000")
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 from gateway.admission.moves import Rebalancer, Refill
 from gateway.admission.outcomes import STATUS, Outcome, outcome_body, render
+from gateway.admission.queue_signing import QueueSigner
 from gateway.admission.sales import SaleCache
 from gateway.admission.soldout import SoldOut
 from gateway.admission.tokens import TokenIssuer
@@ -47,9 +48,11 @@ class PurchaseService:
     sold_out: SoldOut
     rebalancer: Rebalancer
     token_issuer: Callable[[], Awaitable[TokenIssuer]]
+    queue_signer: Callable[[], Awaitable[QueueSigner]]
     on_fast_answer: Callable[[str], None] = lambda path: None  # e.g. a metric per path
 
-    async def buy(self, user_id: int, sku: str, key: str, quantity: int) -> Outcome:
+    async def buy(self, user_id: int, sku: str, key: str, quantity: int,
+                  queue_pass: str | None = None) -> Outcome:
         sale = await self.sales.get(sku)
         if sale is None:
             raise ApiError(404, "SALE_NOT_FOUND", "no sale for this SKU")
@@ -61,6 +64,11 @@ class PurchaseService:
             raise refused
         if self.settings.key_mode == "token" and not (await self.token_issuer()).verify(key, user_id):
             raise ApiError(403, "TOKEN_INVALID", "the key is not a token issued to you, or it expired")
+        if sale.admit_rate and not (await self.queue_signer()).valid_pass(
+                queue_pass, sku, sale.generation, user_id):
+            # Checked in memory (a signed pass), before any Redis work.
+            raise ApiError(403, "QUEUE_PASS_REQUIRED",
+                           "this sale has a waiting room: send the X-Queue-Pass it gave you")
         if self.sold_out.answers(sale, user_id):
             # Known sold out, and no other outcome can be stored against this user's keys:
             # answered from memory, not recorded (a key may buy if units come back).

@@ -39,6 +39,25 @@ _USER = {"name": "X-User-Id", "in": "header", "required": True,
          "schema": {"type": "string", "pattern": "^[0-9]{1,19}$"},
          "description": "the caller, set by a trusted auth proxy (SECKILL_AUTH=header)"}
 _ADMIN: list[dict[str, list[str]]] = [{"admin": []}]
+_TICKET = {"name": "ticket", "in": "path", "required": True, "schema": {"type": "string"},
+           "description": "the ticket a join answered"}
+_QUEUE_PASS = {"name": "X-Queue-Pass", "in": "header", "required": False,
+               "schema": {"type": "string"},
+               "description": "the pass the waiting room gave this user for this sale "
+                              "(required on a sale with a waiting room)"}
+
+
+def _queue_answers(common: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "200": _answer("ADMITTED: a pass for this user and sale",
+                       {"$ref": "#/components/schemas/QueuePass"}),
+        "202": _answer("QUEUED: poll the ticket again after Retry-After seconds",
+                       {"$ref": "#/components/schemas/Queued"}, headers=_RETRY_AFTER),
+        "404": _answer("SALE_NOT_FOUND or TICKET_NOT_FOUND"),
+        "410": _answer("SOLD_OUT or SALE_ENDED"),
+        "429": _RATE_LIMITED,
+        **common,
+    }
 
 
 def build() -> dict[str, Any]:
@@ -72,6 +91,7 @@ def build() -> dict[str, Any]:
                                         "one of the two key headers is required"},
                         {"name": "Idempotency-Key", "in": "header", "required": False,
                          "schema": _KEY, "description": "read when X-Idempotency-Key is absent"},
+                        _QUEUE_PASS,
                     ],
                     "requestBody": {"required": False, "content": {"application/json": {"schema": {
                         "type": "object", "additionalProperties": False,
@@ -79,16 +99,24 @@ def build() -> dict[str, Any]:
                                                     "maximum": MAX_LIMIT}}}}}},
                     "responses": {
                         "200": _answer("admitted", {"$ref": "#/components/schemas/Admitted"}),
-                        "403": _answer("TOKEN_INVALID"),
+                        "403": _answer("SALE_NOT_STARTED, TOKEN_INVALID or QUEUE_PASS_REQUIRED"),
                         "404": _answer("SALE_NOT_FOUND"),
                         "409": _answer("IDEMPOTENT_CONFLICT or ALREADY_PURCHASED"),
-                        "410": _answer("SOLD_OUT"),
+                        "410": _answer("SOLD_OUT or SALE_ENDED"),
                         "413": _TOO_LARGE,
                         "422": _answer("IDEMPOTENCY_KEY_REUSED"),
                         "429": _RATE_LIMITED,
                         **common,
                     },
                 },
+            },
+            "/api/queue/{sku}": {
+                "post": {"operationId": "joinQueue", "parameters": [_SKU, _USER],
+                         "responses": _queue_answers(common)},
+            },
+            "/api/queue/{sku}/{ticket}": {
+                "get": {"operationId": "pollQueue", "parameters": [_SKU, _TICKET, _USER],
+                        "responses": _queue_answers(common)},
             },
             "/api/orders/{order_no}": {
                 "get": {"operationId": "getOrder",
@@ -136,6 +164,20 @@ def build() -> dict[str, Any]:
                              "properties": {"code": {"type": "string"}, "order_no": {"type": "string"},
                                             "sku": {"type": "string"}, "user_id": {"type": "integer"},
                                             "units": {"type": "array", "items": {"type": "integer"}}}},
+                "QueuePass": {"type": "object", "required": ["code", "pass", "expires_in"],
+                              "properties": {"code": {"type": "string", "enum": ["ADMITTED"]},
+                                             "pass": {"type": "string"},
+                                             "expires_in": {"type": "integer"}}},
+                "Queued": {"type": "object",
+                           "required": ["code", "ticket", "position", "eta_s", "units_left"],
+                           "properties": {"code": {"type": "string", "enum": ["QUEUED"]},
+                                          "ticket": {"type": "string"},
+                                          "position": {"type": "integer", "minimum": 1,
+                                                       "nullable": True,
+                                                       "description": "null before the start "
+                                                                      "(the order is drawn then)"},
+                                          "eta_s": {"type": "integer", "minimum": 0},
+                                          "units_left": {"type": "integer", "minimum": 0}}},
                 "Order": {"type": "object", "required": ["order_no", "sku", "user_id", "units", "status"],
                           "properties": {"order_no": {"type": "string"}, "sku": {"type": "string"},
                                          "user_id": {"type": "integer"},
@@ -149,7 +191,13 @@ def build() -> dict[str, Any]:
                                            "per_user_limit": {"type": "integer", "minimum": 1,
                                                               "maximum": MAX_LIMIT},
                                            "shards": {"type": "integer", "minimum": 1,
-                                                      "maximum": MAX_SHARDS}}},
+                                                      "maximum": MAX_SHARDS},
+                                           "waiting_room": {
+                                               "type": "object", "required": ["admit_rate"],
+                                               "additionalProperties": False,
+                                               "properties": {"admit_rate": {
+                                                   "type": "number", "exclusiveMinimum": True,
+                                                   "minimum": 0, "maximum": MAX_ADMIT_RATE}}}}},
             },
         },
     }

@@ -20,7 +20,7 @@ if TYPE_CHECKING:
 TOKEN_SHAPE = re.compile(r"[A-Za-z0-9_.-]{1,128}")
 
 
-def _rate_limit(gw: Gateway, request: web.Request, user_id: int) -> None:
+def rate_limit(gw: Gateway, request: web.Request, user_id: int) -> None:
     """Per user and per client address; 429 with Retry-After when over."""
     users, addresses = gw.user_limiter, gw.ip_limiter
     if not (users.rate or addresses.rate):
@@ -35,7 +35,7 @@ def _rate_limit(gw: Gateway, request: web.Request, user_id: int) -> None:
 async def token(request: web.Request) -> web.Response:
     gw = gateway_of(request)
     user_id = gw.auth.user_id(request)
-    _rate_limit(gw, request, user_id)
+    rate_limit(gw, request, user_id)
     issuer = await gw.token_issuer()
     return json_response(200, {"code": "OK", "token": issuer.issue(user_id),
                                "expires_in": gw.settings.idempotency_ttl})
@@ -44,7 +44,7 @@ async def token(request: web.Request) -> web.Response:
 async def seckill(request: web.Request) -> web.Response:
     gw = gateway_of(request)
     user_id = gw.auth.user_id(request)
-    _rate_limit(gw, request, user_id)
+    rate_limit(gw, request, user_id)
     key = request.headers.get("X-Idempotency-Key") or request.headers.get("Idempotency-Key")
     if not key:
         raise ApiError(400, "IDEMPOTENCY_KEY_REQUIRED", "send X-Idempotency-Key (or Idempotency-Key)")
@@ -54,7 +54,8 @@ async def seckill(request: web.Request) -> web.Response:
     body = await json_object(request, {"quantity"})
     quantity = int_field(body, "quantity", 1, 1, MAX_LIMIT)
     sku = sku_of(request)
-    outcome = await gw.purchases.buy(user_id, sku, key, quantity)
+    outcome = await gw.purchases.buy(user_id, sku, key, quantity,
+                                     request.headers.get("X-Queue-Pass"))
     return json_response(outcome.status, outcome.body, outcome.headers)
 
 

@@ -103,6 +103,16 @@ class ShardKeys:
     def stream(self) -> str:
         return f"{self.tag}:purchases"
 
+    @property
+    def queue(self) -> str:
+        """Waiting room: sorted set of the shard's tickets, user id -> join score."""
+        return f"{self.tag}:queue:{self.sku}"
+
+    @property
+    def queue_meta(self) -> str:
+        """Waiting room: hash ``sealed``, ``last`` (latest join score), ``generation``."""
+        return f"{self.tag}:queue-meta:{self.sku}"
+
     def order(self, order_no: str) -> str:
         return f"{self.tag}:order:{order_no}"
 
@@ -140,6 +150,15 @@ class KeySpace:
         """The sale's registry record (one key, never used with others in a script)."""
         return f"{self.prefix}:sale:{sku}"
 
+    def queue_state(self, sku: str) -> str:
+        """Waiting room: the sale's admission state (hash: per-shard cursors, the rate's
+        bucket, the counts the admitter publishes). One small key, read by each process at
+        most every few tenths of a second, never per poll."""
+        return f"{self.prefix}:queue-state:{sku}"
+
+    def queue_lease(self, sku: str) -> str:
+        """Waiting room: who admits for the sale now (string, expires)."""
+        return f"{self.prefix}:queue-lease:{sku}"
 
     @property
     def relay_shards(self) -> str:

@@ -25,6 +25,7 @@ from gateway.store.scripts import ScriptRunner, transfer
 from gateway.store.scripts import compensate as compensate_script
 from gateway.store.scripts import mark_delivered as mark_delivered_script
 from gateway.store.scripts import purchase as purchase_script
+from gateway.store.scripts import queue as queue_script
 from gateway.store.scripts import sales as sale_scripts
 from gateway.store.scripts import sold_out as sold_out_script
 from gateway.store.scripts.compensate import Compensated
@@ -246,6 +247,12 @@ class Store:
             for order_no in order_nos:
                 pipe.delete(sk.order(order_no))
             pipe.delete(sk.order_index)
+        for shard in range(shards):  # the waiting room's queues (closed shards take no join)
+            sk = self.keys.shard(sku, shard)
+            pipe.delete(sk.queue)
+            pipe.delete(sk.queue_meta)
+        pipe.delete(self.keys.queue_state(sku))
+        pipe.delete(self.keys.queue_lease(sku))
         await pipe.execute()
         registry = self.keys.sale(sku)
         found = await self._sale_from_record(sku)
@@ -389,6 +396,46 @@ class Store:
     async def mark_delivered(self, order: Order) -> Delivered:
         sk, idempotency_key = self._order_shard(order)
         return await mark_delivered_script.run(self.client, sk, order.order_no, idempotency_key)
+
+    # -- waiting room --------------------------------------------------------------
+
+    def _runner(self) -> ScriptRunner:
+        return self.batcher or self.client
+
+    async def queue_join(self, sale: Sale, user_id: int, shard: int,
+                         pre_score: float) -> queue_script.Joined:
+        return await queue_script.join(self._runner(), self.keys.shard(sale.sku, shard), user_id,
+                                       sale.generation, sale.starts_at, pre_score)
+
+    async def queue_rank(self, sale: Sale, user_id: int,
+                         shard: int) -> tuple[queue_script.Rank, int]:
+        return await queue_script.rank(self._runner(), self.keys.shard(sale.sku, shard), user_id,
+                                       sale.generation, sale.starts_at)
+
+    async def queue_heads(self, sale: Sale, cursors: list[int],
+                          count: int) -> list[queue_script.Head]:
+        """Every shard of the sale as the admitter sees it (``count`` tickets each from
+        its cursor on), through one pipeline per node."""
+        return await self._each(
+            lambda runner, shard: queue_script.head(
+                runner, self.keys.shard(sale.sku, shard), sale.generation, sale.starts_at,
+                cursors[shard], count), range(sale.shards))
+
+    async def queue_advance(self, sale: Sale, step: queue_script.Advance) -> tuple[int, int]:
+        return await queue_script.advance(self._runner(), self.keys.queue_state(sale.sku), step)
+
+    async def queue_lease(self, sku: str, owner: str, lease_ms: int) -> bool:
+        return await queue_script.lease(self.client, self.keys.queue_lease(sku), owner, lease_ms)
+
+    async def queue_state(self, sku: str) -> dict[str, str]:
+        state: dict[str, str] = await self.client.hgetall(self.keys.queue_state(sku))  # type: ignore[assignment]
+        return state
+
+    async def queue_lengths(self, sale: Sale) -> list[int]:
+        pipe = self._pipeline()
+        for shard in range(sale.shards):
+            pipe.zcard(self.keys.shard(sale.sku, shard).queue)
+        return [int(n) for n in await pipe.execute()]
 
     # -- tokens -------------------------------------------------------------------
 
