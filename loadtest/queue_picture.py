@@ -174,11 +174,33 @@ def _rates(ax: Axes, room: RoomSeries) -> None:
     _marks(ax, room)
     top = max([*room.admitted_per_s.values(), *room.bought_per_s.values(), room.admit_rate, 1])
     ax.set_ylim(0, top * 1.55)  # room for the legend above the bars
-    ax.set_title(f"{room.sku}: admissions per second (ADMITTED answers the clients got)", fontsize=10, loc="left")
+    if secs:
+        _cumulative(ax, room, secs)
+    ax.set_title(f"{room.sku}: admissions per second (ADMITTED answers, when the clients got them: at their "
+                 f"next poll, up to a Retry-After late)", fontsize=9, loc="left")
     ax.set_ylabel("per second")
     ax.set_xlabel(_since(room))
     ax.grid(True, alpha=0.3)
     ax.legend(loc="upper right", fontsize=8, framealpha=0.9)
+
+
+def _cumulative(ax: Axes, room: RoomSeries, secs: list[int]) -> None:
+    """Admissions seen so far against the contract's bound R·t + R (from the first
+    second with one), on a second axis."""
+    right = ax.twinx()
+    xs, ys, total = [], [], 0
+    for sec in range(secs[0], secs[-1] + 1):
+        total += room.admitted_per_s.get(sec, 0)
+        xs.append(sec + 1)
+        ys.append(total)
+    right.plot(xs, ys, color="#1f77b4", linewidth=1.6, label="admitted so far (right)")
+    if room.admit_rate:
+        start = 0 if room.has_start else secs[0]
+        bound = [room.admit_rate * (x - start) + room.admit_rate for x in xs]
+        right.plot(xs, bound, color="grey", linewidth=1.0, linestyle="-.", label="R·t + R: the most allowed (right)")
+    right.set_ylim(0, max([*ys, 1]) * 1.55)
+    right.set_ylabel("admitted so far")
+    right.legend(loc="upper left", fontsize=8, framealpha=0.9)
 
 
 def _positions(ax: Axes, room: RoomSeries) -> None:
@@ -188,8 +210,8 @@ def _positions(ax: Axes, room: RoomSeries) -> None:
         xs, ys = [p[0] for p in pts], [p[1] for p in pts]
         label = "sampled tickets" if i == 0 else None
         ax.step(xs, ys, where="post", color="#7f7f7f", linewidth=0.8, alpha=0.8, label=label)
-        if admitted_at is not None:
-            ax.plot([xs[-1], admitted_at], [ys[-1], 0], color="#7f7f7f", linewidth=0.8, alpha=0.8)
+        if admitted_at is not None:  # not seen between the last QUEUED answer and the ADMITTED one
+            ax.plot([xs[-1], admitted_at], [ys[-1], 0], color="#7f7f7f", linewidth=0.8, alpha=0.6, linestyle=":")
             ax.plot([admitted_at], [0], marker="o", markersize=3, color="#1f77b4")
         else:
             ax.plot([xs[-1]], [ys[-1]], marker="x", markersize=5, color="#d62728")
