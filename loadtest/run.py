@@ -289,12 +289,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-verify", action="store_true", help="skip the verifier")
     p.add_argument("--reports", default=str(LOADTEST_DIR / "reports"), help="output directory")
     q = p.add_argument_group("QueueCrowd (the locustfile's --lt-queue-* options; unset: its defaults)")
-    q.add_argument("--queue-crowd", type=int, help="buyers who join before the start [2000]")
-    q.add_argument("--queue-late", type=int, help="buyers who join after the start [500]")
-    q.add_argument("--queue-stock", type=int, help="its sale's stock [2200]")
+    q.add_argument("--queue-crowd", type=int, help="buyers who join before the start [1800]")
+    q.add_argument("--queue-late", type=int, help="buyers who join after the start [400]")
+    q.add_argument("--queue-stock", type=int, help="its sale's stock [2000]")
     q.add_argument("--queue-rate", type=float, help="its admit_rate, per second [200]")
     q.add_argument("--queue-users", type=int, help="Locust users the crowd is shared among [10]")
-    q.add_argument("--queue-lead", type=float, help="seconds from the test's start to starts_at [8]")
+    q.add_argument("--queue-lead", type=float, help="seconds from the test's start to starts_at [12]")
     q.add_argument("--queue-picture", type=Path, help="also draw the waiting room's picture here")
     return p
 

@@ -22,7 +22,8 @@ server_s + 1)``). The checks count only what the intervals prove:
     clock the records allow [``admission_rate_exceeded``].
 (c) **Order.** For users who joined after ``starts_at``, first in, first out: a user v
     *overtook* u when u surely joined before v (u before the start, or u's join answer
-    came before v's join left) and u was still answered ``QUEUED`` to a poll sent after
+    came before v's first join request left: a join answered 503 may have taken the
+    place all the same) and u was still answered ``QUEUED`` to a poll sent after
     v's ``ADMITTED`` came back. Each v may overtake at most ``order_slack`` users (the
     bound the gateway states; default one second's admissions, R)
     [``admitted_out_of_order``]. Those who joined before the start must be shuffled:
@@ -100,6 +101,14 @@ class Journey:
             if a.step == "join" and (a.queued or a.admitted or a.gone):
                 return a
         return None
+
+    @property
+    def join_started(self) -> float | None:
+        """When the first join request left: an attempt answered 503 (outcome unknown)
+        may still have taken the place, so the join happened between this and the first
+        answered join's ``ts``."""
+        times = [a.t0 for a in self.answers if a.step == "join"]
+        return min(times) if times else None
 
     @property
     def tickets(self) -> set[str]:
@@ -183,10 +192,10 @@ def analyse(sku: str, admit_rate: float, starts_at_ms: int | None, answers: Iter
     starts = starts_at_ms / 1000 if starts_at_ms else None
     out = Analysis(sku, admit_rate, starts, journeys)
     for j in journeys.values():
-        join = j.join
-        if join is None:
+        join, began = j.join, j.join_started
+        if join is None or began is None:
             continue
-        if starts is None or join.t0 > starts:
+        if starts is None or began > starts:
             out.post.append(j)
         elif join.ts < starts:
             out.pre.append(j)
@@ -315,13 +324,15 @@ def overtakes(a: Analysis) -> list[tuple[Journey, int]]:
     """For each admitted user who joined after the start: how many users who surely
     joined before it were still waiting after it was surely admitted."""
     pre_waiting = sorted(t for j in a.pre if (t := j.last_queued_t0) is not None)
-    late = [j for j in a.post if j.join is not None]
+    late = [j for j in a.post if j.join is not None and j.join_started is not None]
     by_join_end = sorted(late, key=lambda j: j.join.ts)  # type: ignore[union-attr]
     result: list[tuple[Journey, int]] = []
     still_waiting: list[float] = []  # last QUEUED t0 of the late joiners surely before v
     k = 0
-    for v in sorted(late, key=lambda j: j.join.t0):  # type: ignore[union-attr]
-        while k < len(by_join_end) and by_join_end[k].join.ts < v.join.t0:  # type: ignore[union-attr]
+    for v in sorted(late, key=lambda j: j.join_started):  # type: ignore[arg-type,return-value]
+        began = v.join_started
+        assert began is not None
+        while k < len(by_join_end) and by_join_end[k].join.ts < began:  # type: ignore[union-attr]
             t = by_join_end[k].last_queued_t0
             if t is not None:
                 bisect.insort(still_waiting, t)

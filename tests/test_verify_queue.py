@@ -371,3 +371,23 @@ def test_the_rate_comes_from_the_stored_sale_when_the_record_has_none():
     note = records.SaleNote(line=1, sku=SKU, scenario="QueueCrowd", outcome="exists")
     assert verify.SaleWindow.of(note, {"admit_rate": 200.0}).admit_rate == 200.0
     assert verify.SaleWindow.of(None, {"admit_rate": None}).admit_rate is None
+
+
+def test_a_join_answered_503_may_have_taken_the_place():
+    """A user whose join before the start was answered 503 (outcome unknown) and who
+    joined again after it, let in at once: it may hold a place from before the start,
+    so it is not judged as a late joiner that overtook the early ones."""
+    sim = Sim(pre=200, post=0).run()
+    first = min(sim.admitted_at, key=sim.admitted_at.__getitem__)
+    mine = [e for e in sim.entries if e.get("user_id") == first and e.get("event") == records.QUEUE]
+    sim.entries = [e for e in sim.entries if e not in mine]
+    sim.entries.append(records.queue_entry(sku=SKU, user_id=first, step="join", status=503, code="UNAVAILABLE",
+                                           t0=sim.starts - 3, ts=sim.starts - 2, retry_after=1.0))
+    sim.entries.append(records.queue_entry(sku=SKU, user_id=first, step="join", status=200, code="ADMITTED",
+                                           t0=sim.starts + 0.2, ts=sim.starts + 0.25, pass_="p-first"))
+    a = sim.analysis()
+    assert first not in {j.user_id for j in a.post} | {j.user_id for j in a.pre}  # when it joined is not known
+    assert findings(sim) == []
+    # the same user, had its first join come after the start, would have overtaken the crowd
+    sim.entries[-2] = dict(sim.entries[-2], t0=sim.starts + 0.1, ts=sim.starts + 0.15)
+    assert "admitted_out_of_order" in kinds(findings(sim))
