@@ -1176,6 +1176,19 @@ class QueueReply:
 
 
 RECENT_PASSES: list[tuple[int, str]] = []  # (user, pass) of recent admissions in this process
+STATS_EVERY = 0.5  # seconds between two reads of the room's counts at the admin API
+
+
+class RoomWatch:
+    """One greenlet per process reading ``GET /admin/sales/{sku}``'s waiting-room counts
+    while this process's crowds are in the room: the gateway's own count of admissions
+    for the verifier and the picture (``queue_stats`` lines)."""
+
+    crowds = 0
+    started = False
+    silent = False  # the gateway gives no counts: stop asking
+
+
 
 
 class QueueCrowd(Idler):
@@ -1201,9 +1214,43 @@ class QueueCrowd(Idler):
         early = _share(CONFIG.queue_crowd, users)
         late = _share(CONFIG.queue_late, users)
         plan = [False] * early + [True] * late
-        pool = gevent.pool.Pool(max(1, len(plan)))
-        pool.map(lambda is_late: self.one_buyer(is_late, random.random() < CONFIG.queue_sneak), plan)
+        RoomWatch.crowds += 1
+        if not RoomWatch.started and CONFIG.admin_token:
+            RoomWatch.started = True
+            gevent.spawn(self.watch_room)
+        try:
+            pool = gevent.pool.Pool(max(1, len(plan)))
+            pool.map(lambda is_late: self.one_buyer(is_late, random.random() < CONFIG.queue_sneak), plan)
+        finally:
+            RoomWatch.crowds -= 1
         self.done = True
+
+    def watch_room(self) -> None:
+        sku = self.sale.sku
+        while RoomWatch.crowds > 0 and not RoomWatch.silent:
+            t0 = time.time()
+            with self.client.get(f"/admin/sales/{sku}", headers=_admin_headers(), catch_response=True,
+                                 name="/admin/sales/[sku] QueueCrowd counts") as resp:
+                ts = time.time()
+                room = lifecycle.json_or_empty(resp.text).get("waiting_room")
+                if resp.status_code == 200 and isinstance(room, dict):
+                    resp.success()
+                    if _int(room.get("admitted")) is None:
+                        log.warning("GET /admin/sales/%s gives no waiting-room counts (%s): the run records "
+                                    "the clients' view only", sku, json.dumps(room)[:120])
+                        RoomWatch.silent = True
+                    else:
+                        sold_out = room.get("sold_out")
+                        RECORDER.write(records.queue_stats_entry(
+                            sku=sku, t0=t0, ts=ts, admitted=_int(room.get("admitted")),
+                            joined=_int(room.get("joined")), units_left=_int(room.get("units_left")),
+                            sold_out=sold_out if isinstance(sold_out, bool) else None,
+                            server_s=records.http_date_s((resp.headers or {}).get("Date"))))
+                elif resp.status_code in (429, 503):
+                    resp.success()  # overloaded: ask again
+                else:
+                    resp.failure(f"{resp.status_code}: {(resp.text or '')[:120]}")
+            gevent.sleep(STATS_EVERY)
 
     # one buyer's way through the room
 

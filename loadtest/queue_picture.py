@@ -55,6 +55,7 @@ class RoomSeries:
     median: list[tuple[float, float]] = field(default_factory=list)  # (second, median position)
     p90: list[tuple[float, float]] = field(default_factory=list)
     sold_out_at: float | None = None  # first 410 on the queue
+    gateway: list[tuple[float, int]] = field(default_factory=list)  # (t, the gateway's count of admissions)
     joined: int = 0
     admitted: int = 0
 
@@ -76,7 +77,8 @@ def room_skus(record: Record) -> list[tuple[str, float, int | None]]:
 
 def build(record: Record, sku: str, admit_rate: float, starts_at_ms: int | None,
           sampled: int = SAMPLED) -> RoomSeries:
-    room = waitingroom.analyse(sku, admit_rate, starts_at_ms, record.queue_for(sku), record.queue_buys_for(sku))
+    room = waitingroom.analyse(sku, admit_rate, starts_at_ms, record.queue_for(sku), record.queue_buys_for(sku),
+                               record.queue_stats_for(sku))
     answers = [a for j in room.journeys.values() for a in j.answers]
     if starts_at_ms:
         origin, has_start = starts_at_ms / 1000, True
@@ -102,7 +104,23 @@ def build(record: Record, sku: str, admit_rate: float, starts_at_ms: int | None,
         s.median.append((sec + 0.5, waitingroom.percentile(values, 50) or 0.0))
         s.p90.append((sec + 0.5, waitingroom.percentile(values, 90) or 0.0))
     s.tickets = _sample(room, origin, sampled)
+    s.gateway = [((q.t0 + q.ts) / 2 - origin, q.admitted or 0) for q in room.stats]
     return s
+
+
+def gateway_per_second(points: Sequence[tuple[float, int]], span: float = 1.0) -> list[tuple[float, float]]:
+    """The gateway's admissions per second from its sampled count: the growth over
+    about ``span`` seconds before each sample."""
+    out: list[tuple[float, float]] = []
+    j = 0
+    for t, n in points:
+        while j < len(points) and t - points[j][0] > span:
+            j += 1
+        k = max(0, j - 1)
+        t0, n0 = points[k]
+        if t - t0 >= span * 0.5:
+            out.append((t, (n - n0) / (t - t0)))
+    return out
 
 
 def _sample(room: waitingroom.Analysis, origin: float, n: int) -> list[Sampled]:
@@ -142,6 +160,9 @@ def render(rooms: Sequence[RoomSeries], path: Path) -> Path:
         bottom.sharex(top)
         _rates(top, room)
         _positions(bottom, room)
+        if room.has_start:  # nothing to see long before the start
+            left, right = top.get_xlim()
+            top.set_xlim(max(left, -3.0), right)
     fig.suptitle("The waiting room, from the run's own record")
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, format="png")
@@ -171,8 +192,13 @@ def _rates(ax: Axes, room: RoomSeries) -> None:
     if room.admit_rate:
         ax.axhline(room.admit_rate, color="grey", linestyle="--", linewidth=1,
                    label=f"admit_rate R = {room.admit_rate:g}/s")
+    rates = gateway_per_second(room.gateway)
+    if rates:
+        ax.plot([t for t, _ in rates], [r for _, r in rates], color="#ff7f0e", linewidth=1.6,
+                label="the gateway's own count, per second")
     _marks(ax, room)
-    top = max([*room.admitted_per_s.values(), *room.bought_per_s.values(), room.admit_rate, 1])
+    top = max([*room.admitted_per_s.values(), *room.bought_per_s.values(), *(r for _, r in rates),
+               room.admit_rate, 1])
     ax.set_ylim(0, top * 1.55)  # room for the legend above the bars
     if secs:
         _cumulative(ax, room, secs)
@@ -193,12 +219,15 @@ def _cumulative(ax: Axes, room: RoomSeries, secs: list[int]) -> None:
         total += room.admitted_per_s.get(sec, 0)
         xs.append(sec + 1)
         ys.append(total)
-    right.plot(xs, ys, color="#1f77b4", linewidth=1.6, label="admitted so far (right)")
+    right.plot(xs, ys, color="#1f77b4", linewidth=1.6, label="admitted so far, as seen (right)")
+    if room.gateway:
+        right.plot([t for t, _ in room.gateway], [n for _, n in room.gateway], color="#ff7f0e", linewidth=1.2,
+                   linestyle="--", label="admitted so far, the gateway's count (right)")
     if room.admit_rate:
         start = 0 if room.has_start else secs[0]
         bound = [room.admit_rate * (x - start) + room.admit_rate for x in xs]
         right.plot(xs, bound, color="grey", linewidth=1.0, linestyle="-.", label="R·t + R: the most allowed (right)")
-    right.set_ylim(0, max([*ys, 1]) * 1.55)
+    right.set_ylim(0, max([*ys, *(n for _, n in room.gateway), 1]) * 1.55)
     right.set_ylabel("admitted so far")
     right.legend(loc="upper left", fontsize=8, framealpha=0.9)
 

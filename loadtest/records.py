@@ -29,6 +29,9 @@ existed) and ``ts``, the client's clock in unix seconds when it got the answer:
               ``pass_kind`` (``own``: the pass this user was admitted with; ``none``: no
               ``X-Queue-Pass``; ``forged``: a made-up one; ``other``: another user's),
               ``status``, ``code``, ``order_no``, ``t0``, ``scenario``.
+``queue_stats`` the waiting room's counts as ``GET /admin/sales/{sku}`` gave them
+              (``waiting_room``): ``sku``, ``admitted``, ``joined``, ``units_left``,
+              ``sold_out`` (each null when not given), ``t0``, ``server_s``.
 
 Nothing here does I/O but :func:`read_record` (and the writer's caller): the parsing is
 pure so that it is tested without Locust.
@@ -51,6 +54,7 @@ CANCEL = "cancel"
 SALE = "sale"
 QUEUE = "queue"
 QUEUE_BUY = "queue_buy"
+QUEUE_STATS = "queue_stats"
 
 # Queue answers' steps, and the passes a purchase on a waiting-room sale may carry.
 JOIN, POLL = "join", "poll"
@@ -183,6 +187,22 @@ class QueueBuy:
     scenario: str = ""
 
 
+@dataclass(frozen=True, slots=True)
+class QueueStats:
+    """A sale's waiting-room counts as the gateway reported them, between ``t0`` and
+    ``ts`` (the client's clock)."""
+
+    line: int
+    sku: str
+    ts: float
+    t0: float
+    admitted: int | None = None
+    joined: int | None = None
+    units_left: int | None = None
+    sold_out: bool | None = None
+    server_s: int | None = None
+
+
 @dataclass(slots=True)
 class Record:
     """Everything a record file holds, for every SKU."""
@@ -193,6 +213,7 @@ class Record:
     sales: list[SaleNote] = field(default_factory=list)
     queue: list[QueueAnswer] = field(default_factory=list)
     queue_buys: list[QueueBuy] = field(default_factory=list)
+    queue_stats: list[QueueStats] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)  # malformed lines, as messages
 
     def admissions_for(self, sku: str) -> list[Admission]:
@@ -209,6 +230,9 @@ class Record:
 
     def queue_buys_for(self, sku: str) -> list[QueueBuy]:
         return [b for b in self.queue_buys if b.sku == sku]
+
+    def queue_stats_for(self, sku: str) -> list[QueueStats]:
+        return [q for q in self.queue_stats if q.sku == sku]
 
     def sale(self, sku: str) -> SaleNote | None:
         """The last note about ``sku`` (a run notes each sale once)."""
@@ -272,6 +296,13 @@ def queue_buy_entry(*, sku: str, user_id: int, pass_kind: str, status: int, code
     return {"event": QUEUE_BUY, "ts": round(ts, 4), "t0": None if t0 is None else round(t0, 4), "sku": sku,
             "user_id": user_id, "ticket": ticket, "pass_kind": pass_kind, "status": status, "code": code,
             "order_no": order_no, "scenario": scenario}
+
+
+def queue_stats_entry(*, sku: str, t0: float, ts: float, admitted: int | None, joined: int | None = None,
+                      units_left: int | None = None, sold_out: bool | None = None,
+                      server_s: int | None = None) -> dict[str, Any]:
+    return {"event": QUEUE_STATS, "ts": round(ts, 4), "t0": round(t0, 4), "sku": sku, "admitted": admitted,
+            "joined": joined, "units_left": units_left, "sold_out": sold_out, "server_s": server_s}
 
 
 # -- reading -------------------------------------------------------------------------------
@@ -351,6 +382,15 @@ def _queue_buy(number: int, data: dict[str, Any]) -> QueueBuy:
         scenario=str(data.get("scenario", "")))
 
 
+def _queue_stats(number: int, data: dict[str, Any]) -> QueueStats:
+    sold_out = data.get("sold_out")
+    return QueueStats(
+        line=number, sku=str(data["sku"]), ts=float(data["ts"]), t0=float(data.get("t0", data["ts"])),
+        admitted=_opt_int(data, "admitted"), joined=_opt_int(data, "joined"),
+        units_left=_opt_int(data, "units_left"), sold_out=None if sold_out is None else bool(sold_out),
+        server_s=_opt_int(data, "server_s"))
+
+
 def parse_line(number: int, raw: bytes, into: Record) -> None:
     """Add one line to ``into`` (a malformed line becomes an error message)."""
     if not raw.strip():
@@ -372,6 +412,8 @@ def parse_line(number: int, raw: bytes, into: Record) -> None:
             into.queue.append(_queue(number, data))
         elif event == QUEUE_BUY:
             into.queue_buys.append(_queue_buy(number, data))
+        elif event == QUEUE_STATS:
+            into.queue_stats.append(_queue_stats(number, data))
         else:
             raise ValueError(f"unknown event {event!r}")
     except (orjson.JSONDecodeError, KeyError, TypeError, ValueError) as exc:

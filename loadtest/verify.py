@@ -118,7 +118,16 @@ from loadtest.ordersdb import (
     read_db,
     sqlite_path,
 )
-from loadtest.records import Admission, CancelCall, PaymentCall, QueueAnswer, QueueBuy, Record, SaleNote
+from loadtest.records import (
+    Admission,
+    CancelCall,
+    PaymentCall,
+    QueueAnswer,
+    QueueBuy,
+    QueueStats,
+    Record,
+    SaleNote,
+)
 from loadtest.waitingroom import DEFAULT_TOLERANCE, Tolerance
 
 __all__ = ["ACTIVE", "RETURNED", "AdmittedRecord", "DbOrder", "DbSnapshot", "Snapshot", "Violation",
@@ -209,6 +218,7 @@ class Snapshot:
     cancels: list[CancelCall] = field(default_factory=list)
     queue: list[QueueAnswer] = field(default_factory=list)  # the waiting room's answers (this SKU)
     queue_buys: list[QueueBuy] = field(default_factory=list)
+    queue_stats: list[QueueStats] = field(default_factory=list)
     created_by_run: bool = False  # the record says the run created the sale: every buyer is in it
     looked_up: dict[str, Order | None] = field(default_factory=dict)  # admitted orders not indexed
     db: DbSnapshot | None = None
@@ -353,6 +363,7 @@ def _take_record(snap: Snapshot, record: Record) -> None:
     snap.window = SaleWindow.of(record.sale(sku), snap.sale_record)
     snap.queue = record.queue_for(sku)
     snap.queue_buys = record.queue_buys_for(sku)
+    snap.queue_stats = record.queue_stats_for(sku)
     note = record.sale(sku)
     snap.created_by_run = note is not None and note.outcome == "created"
 
@@ -925,7 +936,7 @@ def queue_analysis(snap: Snapshot) -> waitingroom.Analysis | None:
     if not snap.window.admit_rate:
         return None
     return waitingroom.analyse(snap.sku, snap.window.admit_rate, snap.window.starts_at_ms, snap.queue,
-                               snap.queue_buys)
+                               snap.queue_buys, snap.queue_stats)
 
 
 def check_waiting_room(snap: Snapshot, tolerance: Tolerance = DEFAULT_TOLERANCE) -> list[Violation]:

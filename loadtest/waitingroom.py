@@ -19,7 +19,11 @@ server_s + 1)``). The checks count only what the intervals prove:
 (b) **Rate.** At most R admissions per second plus one second's burst: in any window of
     W seconds, the admissions whose whole interval lies inside it must number at most
     ``(R·W + R)·(1 + tolerance)``, for W = 1, 2, 5, 10, 30 s and the whole run, on each
-    clock the records allow [``admission_rate_exceeded``].
+    clock the records allow [``admission_rate_exceeded``]. When the run sampled the
+    gateway's own count of admissions (``queue_stats``, from ``GET /admin/sales/{sku}``),
+    the count may grow between two samples by at most ``(R·T + R)·(1 + tolerance)``,
+    T the longest the time between them can have been (first request out to last
+    answer in) [``admission_rate_exceeded``].
 (c) **Order.** For users who joined after ``starts_at``, first in, first out: a user v
     *overtook* u when u surely joined before v (u before the start, or u's join answer
     came before v's first join request left: a join answered 503 may have taken the
@@ -57,7 +61,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from loadtest.records import PASS_OWN, QueueAnswer, QueueBuy
+from loadtest.records import PASS_OWN, QueueAnswer, QueueBuy, QueueStats
 
 RATE_WINDOWS = (1.0, 2.0, 5.0, 10.0, 30.0)  # seconds; the whole run is checked too
 CLIENT, SERVER = "client", "server"
@@ -171,6 +175,7 @@ class Analysis:
     pre: list[Journey] = field(default_factory=list)  # joined surely before the start
     post: list[Journey] = field(default_factory=list)  # joined surely after it
     admitted: list[Journey] = field(default_factory=list)  # in the order their ADMITTED came
+    stats: list[QueueStats] = field(default_factory=list)  # the gateway's counts, sampled
 
     @property
     def buys(self) -> list[QueueBuy]:
@@ -178,7 +183,7 @@ class Analysis:
 
 
 def analyse(sku: str, admit_rate: float, starts_at_ms: int | None, answers: Iterable[QueueAnswer],
-            buys: Iterable[QueueBuy] = ()) -> Analysis:
+            buys: Iterable[QueueBuy] = (), stats: Iterable[QueueStats] = ()) -> Analysis:
     journeys: dict[int, Journey] = {}
     for a in answers:
         if a.sku == sku:
@@ -199,6 +204,7 @@ def analyse(sku: str, admit_rate: float, starts_at_ms: int | None, answers: Iter
             out.post.append(j)
         elif join.ts < starts:
             out.pre.append(j)
+    out.stats = sorted((q for q in stats if q.sku == sku and q.admitted is not None), key=lambda q: (q.t0, q.line))
     out.admitted = sorted((j for j in journeys.values() if j.admission is not None),
                           key=lambda j: (j.admission.ts, j.user_id))  # type: ignore[union-attr]
     return out
@@ -318,6 +324,52 @@ def check_rate(a: Analysis, tol: Tolerance) -> list[Finding]:
                                    f"(+{tol.rate:.0%}: {limit:.0f}) at R = {a.admit_rate:g}/s"))
                 break  # one window per clock says it
     return out
+
+
+def check_gateway_rate(a: Analysis, tol: Tolerance) -> list[Finding]:
+    """The gateway's own count of admissions, sampled: between two samples it grows by
+    at most R per second of the longest time that can lie between them, plus R."""
+    samples = a.stats
+    worst: tuple[float, QueueStats, QueueStats] | None = None
+    for i, first in enumerate(samples):
+        for later in samples[i + 1:]:
+            if later.t0 <= first.ts:
+                continue  # not surely later
+            grew = (later.admitted or 0) - (first.admitted or 0)
+            limit = rate_limit(a.admit_rate, later.ts - first.t0, tol.rate)
+            if grew > limit and (worst is None or grew / limit > worst[0]):
+                worst = (grew / limit, first, later)
+    if worst is None:
+        return []
+    _, first, later = worst
+    return [Finding("admission_rate_exceeded",
+                    f"the gateway's count of admissions grew from {first.admitted} to {later.admitted} within at "
+                    f"most {later.ts - first.t0:.2f} s (t={first.t0:.3f}..{later.ts:.3f}): more than R·T + R "
+                    f"(+{tol.rate:.0%}) at R = {a.admit_rate:g}/s")]
+
+
+def gateway_rates(a: Analysis) -> tuple[float | None, float | None]:
+    """From the gateway's sampled count: the mean admissions per second while it grew
+    (first sample after it left 0 to the first at its final value), and the most in
+    about one second (pairs of samples 1 to 1.5 s apart, by their mid-times)."""
+    samples = [(q.t0 + (q.ts - q.t0) / 2, q.admitted or 0) for q in a.stats]
+    if len(samples) < 2:
+        return None, None
+    final = samples[-1][1]
+    start = next((i for i, (_, n) in enumerate(samples) if n > 0), None)
+    end = next((i for i, (_, n) in enumerate(samples) if n >= final), None)
+    mean = None
+    if start is not None and end is not None and end > start and samples[end][0] > samples[start][0]:
+        mean = (samples[end][1] - samples[start][1]) / (samples[end][0] - samples[start][0])
+    peak = None
+    for i, (t, n) in enumerate(samples):
+        for u, m in samples[i + 1:]:
+            if u - t > 1.5:
+                break
+            if u - t >= 1.0:
+                rate = (m - n) / (u - t)
+                peak = rate if peak is None else max(peak, rate)
+    return mean, peak
 
 
 def overtakes(a: Analysis) -> list[tuple[Journey, int]]:
@@ -440,8 +492,8 @@ def check_places(a: Analysis) -> list[Finding]:
 def check(a: Analysis, tol: Tolerance = DEFAULT_TOLERANCE, *, orders: Iterable[tuple[str, int]] = (),
           complete: bool = False) -> list[Finding]:
     """Invariant 9 on a sale's waiting room, as findings (empty: kept)."""
-    return (check_passes(a, orders, complete=complete) + check_rate(a, tol) + check_order(a, tol)
-            + check_positions(a) + check_places(a))
+    return (check_passes(a, orders, complete=complete) + check_rate(a, tol) + check_gateway_rate(a, tol)
+            + check_order(a, tol) + check_positions(a) + check_places(a))
 
 
 # -- the report ------------------------------------------------------------------------------
@@ -452,6 +504,7 @@ def report(a: Analysis, tol: Tolerance = DEFAULT_TOLERANCE) -> dict[str, Any]:
     mean, peak = admissions_per_second(a)
     tries = Counter(f"{b.pass_kind} {b.status} {b.code}" for b in a.buys)
     sizes = [n for _, n in overtakes(a)]
+    gw_mean, gw_peak = gateway_rates(a)
     return {
         "admit_rate": a.admit_rate,
         "starts_at_s": a.starts_at_s,
@@ -462,6 +515,8 @@ def report(a: Analysis, tol: Tolerance = DEFAULT_TOLERANCE) -> dict[str, Any]:
         "bought": sum(1 for b in a.buys if b.status == 200 and b.pass_kind == PASS_OWN),
         "purchases": dict(tries),
         "admissions_per_s_mean": mean, "admissions_per_s_peak_seen": peak,
+        "gateway_admitted": a.stats[-1].admitted if a.stats else None,
+        "gateway_per_s_mean": gw_mean, "gateway_per_s_peak": gw_peak, "gateway_samples": len(a.stats),
         "wait_s": {"n": len(wait), "p50": percentile(wait, 50), "p90": percentile(wait, 90),
                    "p99": percentile(wait, 99), "max": max(wait) if wait else None},
         "rho_before_start": rho(a.pre), "rho_after_start": rho(a.post),
@@ -487,6 +542,9 @@ def report_lines(r: dict[str, Any]) -> list[str]:
         f"  {'bought with a pass':<22}{r['bought']:>10}   purchases: {tries or 'none'}",
         f"  {'admissions/s':<22}{_s(r['admissions_per_s_mean'], '.1f'):>10}   mean from first to last; "
         f"peak seen in one second {r['admissions_per_s_peak_seen']}",
+        *([f"  {'gateway: admitted':<22}{r['gateway_admitted']:>10}   by its own count ({r['gateway_samples']} "
+           f"samples); {_s(r['gateway_per_s_mean'], '.1f')}/s while it grew, most in ~1 s "
+           f"{_s(r['gateway_per_s_peak'], '.0f')}/s"] if r.get("gateway_samples") else []),
         f"  {'wait to admission':<22}{_s(w['p50']):>10}   s p50; p90 {_s(w['p90'])} s, p99 {_s(w['p99'])} s, "
         f"max {_s(w['max'])} s (n {w['n']}; from joining, or from the start)",
         f"  {'order':<22}{_s(r['rho_before_start'], '+.3f'):>10}   Spearman rho, joined before the start "

@@ -42,6 +42,7 @@ class Sim:
     fifo: bool = True
     speed: float = 1.0  # the gateway admits at speed × rate
     seed: int = 7
+    stats_every: float = 0.0  # > 0: the gateway's count of admissions, sampled this often
     entries: list[dict] = field(default_factory=list)
     admitted_at: dict[int, float] = field(default_factory=dict)
     passes: dict[int, str] = field(default_factory=dict)
@@ -74,6 +75,15 @@ class Sim:
                                                starts_at_ms=int(self.starts * 1000), admit_rate=self.rate))
         for u in users:
             self.client(u, joins[u], order, sold_out_at)
+        if self.stats_every > 0:
+            moments = sorted(self.admitted_at.values())
+            t, end = T0, (moments[-1] if moments else self.starts) + 3
+            while t < end:
+                gateway_t = t + LATENCY / 2
+                self.entries.append(records.queue_stats_entry(
+                    sku=SKU, t0=t, ts=t + LATENCY, admitted=bisect.bisect_right(moments, gateway_t),
+                    joined=len(users), server_s=int(gateway_t)))
+                t += self.stats_every
         return self
 
     def position(self, u: int, order: list[int], t: float) -> int | None:
@@ -118,7 +128,7 @@ class Sim:
         rec = self.record()
         assert rec.errors == []
         return waitingroom.analyse(SKU, self.rate, int(self.starts * 1000), rec.queue_for(SKU),
-                                   rec.queue_buys_for(SKU))
+                                   rec.queue_buys_for(SKU), rec.queue_stats_for(SKU))
 
     def orders(self) -> list[tuple[str, int]]:
         return [(f"o-{u}", u) for u in self.admitted_at]
@@ -294,6 +304,23 @@ def test_a_fresh_pass_is_fine_but_back_in_line_after_admission_is_not():
                             position=3, **{"pass": None}))
     found = [f for f in findings(sim) if f.kind == "admitted_twice"]
     assert len(found) == 1 and f"user {adm['user_id']} " in found[0].message
+
+
+def test_the_gateway_count_of_admissions_is_checked_and_reported():
+    sim = Sim(stats_every=0.5).run()
+    assert findings(sim) == []
+    r = waitingroom.report(sim.analysis())
+    assert r["gateway_admitted"] == 400 and r["gateway_samples"] > 20
+    assert 45 < r["gateway_per_s_mean"] < 55 and r["gateway_per_s_peak"] <= 2 * sim.rate
+    assert "gateway: admitted" in "\n".join(waitingroom.report_lines(r))
+    # the count jumps by more than R·T + R between two samples: caught, though the
+    # clients saw nothing wrong
+    stats = [e for e in sim.entries if e.get("event") == records.QUEUE_STATS and e["admitted"] > 10]
+    for e in stats[3:]:
+        e["admitted"] += 300
+    found = [f for f in findings(sim) if f.kind == "admission_rate_exceeded"]
+    assert len(found) == 1 and "the gateway's count" in found[0].message
+    assert kinds(findings(sim)) == {"admission_rate_exceeded"}
 
 
 # -- the numbers --------------------------------------------------------------------------------
