@@ -13,8 +13,14 @@ import contextlib
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from redis.crc import key_slot
+
+from gateway.admission.room_state import RoomState
+from gateway.app import Gateway
 from gateway.clock import now_ms, parse_rfc3339
+from gateway.models import Sale
 from gateway.store.keys import shard_of
+from gateway.store.scripts.queue import Advance
 from tests.support.api import Api, Backend, new_sku, serve
 from tests.support.delivery import eventually
 
@@ -87,17 +93,23 @@ class Crowd:
             assert not seen or body["position"] <= seen[-1], (user, seen, body)  # never grows
             seen.append(body["position"])
 
-    async def poll_round(self, api: Api, order: list[int]) -> set[int]:
+    async def poll_round(self, api: Api, order: list[int], *, unavailable_ok: bool = False
+                         ) -> set[int]:
         """Poll every waiting user, last joined first (so that a later answer never
         comes from an older state than an earlier one about a user ahead of it); the
-        admitted users so far."""
+        admitted users so far. ``unavailable_ok``: a 503 (a Redis node failing over) is
+        an answer to skip."""
         for user in reversed(order):
             if user in self.passes:
                 continue
             status, body = await poll(api, self.sku, user, self.tickets[user])
+            if status == 503 and unavailable_ok:
+                assert body["code"] == "UNAVAILABLE"
+                return set(self.passes)  # the rest of the round waits for the next one
             assert status in (200, 202), body
             if status == 200:
                 assert body["code"] == "ADMITTED" and body["expires_in"] > 0
+                assert body["units_left"] >= 0
                 self.passes[user] = body["pass"]
             else:
                 assert body["ticket"] == self.tickets[user]
@@ -213,6 +225,23 @@ async def test_those_who_join_before_the_start_are_shuffled(backend: Backend, sk
         assert_rate(room(await api.sale(sku)))
 
 
+async def test_a_rate_below_one_a_second_admits_too(backend: Backend, sku: str) -> None:
+    async with serve(backend.settings()) as api:
+        await api.create_sale(sku, 10, shards=2, waiting_room={"admit_rate": 0.8})
+        crowd = Crowd(sku)
+        users = [21, 22]
+        for user in users:
+            await crowd.join(api, user)
+
+        async def both_admitted() -> bool:
+            admitted = await crowd.poll_round(api, users)
+            assert_prefix(users, admitted)
+            assert_rate(room(await api.sale(sku)))
+            return admitted == set(users)
+
+        await eventually(both_admitted, "both are admitted")
+
+
 # -- the stock ----------------------------------------------------------------------------------
 
 async def test_every_ticket_learns_of_a_sell_out_and_admission_resumes_when_units_come_back(
@@ -232,8 +261,8 @@ async def test_every_ticket_learns_of_a_sell_out_and_admission_resumes_when_unit
 
         async def everyone_told(code: str) -> bool:
             answers = [await poll(api, sku, u, crowd.tickets[u]) for u in users[2:]]
-            return all(answer == (410, {"code": code, "message": answer[1].get("message")})
-                       for answer in answers)
+            return all((status, body["code"], body["units_left"]) == (410, code, 0)
+                       for status, body in answers)
 
         await eventually(lambda: everyone_told("SOLD_OUT"), "every ticket hears SOLD_OUT")
         status, body, _ = await join(api, sku, 99)
@@ -374,3 +403,86 @@ async def test_admission_goes_on_when_the_admitting_process_stops(backend: Backe
         assert await store.client.get(lease) == survivor.gateway.admitter.owner
         counts = room(await survivor.sale(sku))
         assert counts["admitted"] == len(users)
+
+
+async def test_a_primary_killed_mid_run_loses_no_place_and_admits_nobody_twice(
+        local_cluster: Any) -> None:
+    """The primary holding the sale's admission state (its cursors and its bucket) is
+    killed mid-run and started again, as an orchestrator would; its replica takes over.
+    Every place survives (joins were on a replica before they were answered), admission
+    goes on in join order within the rate, positions never grow."""
+    cluster = local_cluster
+    sku = new_sku()
+    rate = 15
+    settings = Backend("cluster", cluster.url, cluster).settings()
+    victim = None
+    try:
+        async with serve(settings) as api:
+            await api.create_sale(sku, 1000, shards=4, waiting_room={"admit_rate": rate})
+            crowd = Crowd(sku)
+            users = [5000 + 5 * i for i in range(24)]
+            for user in users:
+                await crowd.join(api, user)
+            await eventually(lambda: _some_admitted(crowd, api, users, 4), "admission begins")
+            state_key = api.gateway.store.keys.queue_state(sku)
+            victim = cluster.primary_for_slot(key_slot(state_key.encode()))
+            replica = cluster.replicas_of(victim)[0]
+            await asyncio.to_thread(cluster.kill, victim)
+
+            async def promoted() -> bool:
+                await crowd.poll_round(api, users, unavailable_ok=True)
+                try:
+                    return cluster.primary_for_slot(key_slot(state_key.encode())) is replica
+                except Exception:  # a node busy failing over; ask again
+                    return False
+
+            await eventually(promoted, "the replica is promoted")
+            await asyncio.to_thread(cluster.restart, victim)  # back, as a replica
+
+            async def all_admitted() -> bool:
+                admitted = await crowd.poll_round(api, users, unavailable_ok=True)
+                assert_prefix(users, admitted)
+                return admitted == set(users)
+
+            await eventually(all_admitted, "everyone is admitted after the failover")
+            counts = room(await api.sale(sku))
+            assert (counts["joined"], counts["admitted"]) == (len(users), len(users)), counts
+            assert_rate(counts)
+    finally:
+        if victim is not None:
+            await asyncio.to_thread(cluster.wait_until_healthy, 60)
+
+
+async def _some_admitted(crowd: Crowd, api: Api, users: list[int], count: int) -> bool:
+    return len(await crowd.poll_round(api, users)) >= count
+
+
+# -- the admission script, called directly ---------------------------------------------------------
+
+async def test_the_advance_script_admits_each_place_once_and_only_forward(backend: Backend,
+                                                                           sku: str) -> None:
+    """queue_advance.lua, without an admitter running: a repeat, a stale order or one
+    from cursors ahead of the stored ones admits nothing; the bucket starts empty."""
+    gw = Gateway.build(backend.settings())
+    try:
+        sale = await gw.store.create_sale(Sale(sku, 10, shards=2, admit_rate=4))
+        assert sale is not None
+        for user in (10, 11, 12, 13):  # two in each shard
+            await gw.store.queue_join(sale, user, shard_of(user, 2), 0.5)
+
+        def step(base: list[int], order: list[int]) -> Advance:
+            return Advance(generation=sale.generation, units_left=10, rate=4, burst=4,
+                           sold_out=False, joined=4, base=base, order=order)
+
+        assert await gw.store.queue_advance(sale, step([0, 0], [0, 1])) == (0, 0)  # empty bucket
+        await asyncio.sleep(0.6)  # at 4/s: at least 2.4 in the bucket now
+        assert await gw.store.queue_advance(sale, step([0, 0], [0, 1])) == (2, 2)
+        assert await gw.store.queue_advance(sale, step([0, 0], [0, 1])) == (0, 2)  # a repeat
+        assert await gw.store.queue_advance(sale, step([5, 5], [0, 1])) == (0, 2)  # ahead: skipped
+        state = RoomState.parse(await gw.store.queue_state(sku), sale.generation)
+        assert (state.cursor(0), state.cursor(1), state.admitted) == (1, 1, 2)
+        assert state.admitted <= 4 * (state.last_ms - state.since_ms) / 1000
+        other = RoomState.parse(await gw.store.queue_state(sku), "another-generation")
+        assert other.cursors == {} and other.admitted == 0
+    finally:
+        await gw.close()

@@ -74,7 +74,7 @@ class Admitter:
         cursors = [state.cursor(shard) for shard in range(sale.shards)]
         now = now_ms()
         open_now = now >= sale.starts_at and not (sale.ends_at and now >= sale.ends_at)
-        burst = sale.admit_rate
+        burst = max(1.0, sale.admit_rate)  # one second's worth, and at least one admission
         count = 0
         if open_now:
             # What the bucket may hold now, generously: the script spends only what it has.

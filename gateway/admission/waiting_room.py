@@ -58,7 +58,14 @@ def no_ticket() -> ApiError:
 
 
 def sold_out() -> ApiError:
-    return ApiError(410, "SOLD_OUT", "no units left in this sale")
+    return ApiError(410, "SOLD_OUT", "no units left in this sale", extra={"units_left": 0})
+
+
+def sale_ended(units_left: int | None) -> ApiError:
+    refusal = ended()
+    if units_left is not None:
+        refusal.extra["units_left"] = max(0, units_left)
+    return refusal
 
 
 def position_of(rank: int, cursor: int, shards: int) -> int:
@@ -88,15 +95,17 @@ class WaitingRoom:
     async def join(self, user_id: int, sku: str) -> Answer:
         sale = await self._sale(sku)
         now = now_ms()
-        if sale.ends_at and now >= sale.ends_at:
-            raise ended()
         signer = await self.signer()
         if not sale.admit_rate:  # no waiting room: let through at once
+            if sale.ends_at and now >= sale.ends_at:
+                raise ended()
             if self.sold_out.known(sku):
                 raise sold_out()
-            return self._admitted(signer, sale, user_id)
+            return self._admitted(signer, sale, user_id, None)
         self.active[sku] = sale
         state = await self.state(sale)
+        if sale.ends_at and now >= sale.ends_at:
+            raise sale_ended(state.units_left)
         if state.sold_out or self.sold_out.known(sku):
             raise sold_out()
         shard = shard_of(user_id, sale.shards)
@@ -118,10 +127,11 @@ class WaitingRoom:
         if ticket is None or ticket.shard != shard_of(user_id, sale.shards):
             raise no_ticket()
         now = now_ms()
-        if sale.ends_at and now >= sale.ends_at:
-            raise ended()
         self.active[sku] = sale
-        return await self._answer(signer, sale, user_id, ticket, text, await self.state(sale), now)
+        state = await self.state(sale)
+        if sale.ends_at and now >= sale.ends_at:
+            raise sale_ended(state.units_left)
+        return await self._answer(signer, sale, user_id, ticket, text, state, now)
 
     # -- answers ----------------------------------------------------------------------
 
@@ -139,14 +149,18 @@ class WaitingRoom:
                 return _queued(text, None, 1, units)
         cursor = state.cursor(ticket.shard)
         if rank < cursor:
-            return self._admitted(signer, sale, user_id)
+            return self._admitted(signer, sale, user_id, units)
         position = position_of(rank, cursor, sale.shards)
         return _queued(text, position, math.ceil(position / sale.admit_rate), units)
 
-    def _admitted(self, signer: QueueSigner, sale: Sale, user_id: int) -> Answer:
-        return Answer(200, {"code": "ADMITTED",
-                            "pass": signer.issue_pass(sale.sku, sale.generation, user_id),
-                            "expires_in": self.pass_ttl})
+    def _admitted(self, signer: QueueSigner, sale: Sale, user_id: int,
+                  units_left: int | None) -> Answer:
+        body: dict[str, Any] = {"code": "ADMITTED",
+                                "pass": signer.issue_pass(sale.sku, sale.generation, user_id),
+                                "expires_in": self.pass_ttl}
+        if units_left is not None:
+            body["units_left"] = max(0, units_left)
+        return Answer(200, body)
 
     # -- memory -----------------------------------------------------------------------
 
