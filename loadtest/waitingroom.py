@@ -348,28 +348,29 @@ def check_gateway_rate(a: Analysis, tol: Tolerance) -> list[Finding]:
                     f"(+{tol.rate:.0%}) at R = {a.admit_rate:g}/s")]
 
 
-def gateway_rates(a: Analysis) -> tuple[float | None, float | None]:
-    """From the gateway's sampled count: the mean admissions per second while it grew
-    (first sample after it left 0 to the first at its final value), and the most in
-    about one second (pairs of samples 1 to 1.5 s apart, by their mid-times)."""
-    samples = [(q.t0 + (q.ts - q.t0) / 2, q.admitted or 0) for q in a.stats]
-    if len(samples) < 2:
-        return None, None
-    final = samples[-1][1]
-    start = next((i for i, (_, n) in enumerate(samples) if n > 0), None)
-    end = next((i for i, (_, n) in enumerate(samples) if n >= final), None)
-    mean = None
-    if start is not None and end is not None and end > start and samples[end][0] > samples[start][0]:
-        mean = (samples[end][1] - samples[start][1]) / (samples[end][0] - samples[start][0])
-    peak = None
-    for i, (t, n) in enumerate(samples):
-        for u, m in samples[i + 1:]:
-            if u - t > 1.5:
-                break
+def gateway_progress(a: Analysis) -> dict[str, Any]:
+    """From the gateway's sampled count: its final value; by when (the answer's arrival,
+    seconds since the start, or since the first sample) it had let half, 90 % and all
+    of them through; and the most admissions per second over any second or more (pairs
+    of samples at least 1 s apart, by their mid-times). The tail is slow by design on
+    a sold-out sale: the room lets more through only as units stay unsold."""
+    samples = a.stats
+    out: dict[str, Any] = {"samples": len(samples), "final": None, "by": {}, "peak_per_s": None}
+    if not samples:
+        return out
+    origin = a.starts_at_s if a.starts_at_s is not None else samples[0].t0
+    final = max(q.admitted or 0 for q in samples)
+    out["final"] = final
+    for label, share in (("50%", 0.5), ("90%", 0.9), ("100%", 1.0)):
+        reached = next((q for q in samples if (q.admitted or 0) >= share * final), None)
+        out["by"][label] = None if reached is None or final == 0 else reached.ts - origin
+    mids = [((q.t0 + q.ts) / 2, q.admitted or 0) for q in samples]
+    for i, (t, n) in enumerate(mids):
+        for u, m in mids[i + 1:]:
             if u - t >= 1.0:
                 rate = (m - n) / (u - t)
-                peak = rate if peak is None else max(peak, rate)
-    return mean, peak
+                out["peak_per_s"] = rate if out["peak_per_s"] is None else max(out["peak_per_s"], rate)
+    return out
 
 
 def overtakes(a: Analysis) -> list[tuple[Journey, int]]:
@@ -504,7 +505,7 @@ def report(a: Analysis, tol: Tolerance = DEFAULT_TOLERANCE) -> dict[str, Any]:
     mean, peak = admissions_per_second(a)
     tries = Counter(f"{b.pass_kind} {b.status} {b.code}" for b in a.buys)
     sizes = [n for _, n in overtakes(a)]
-    gw_mean, gw_peak = gateway_rates(a)
+    gateway = gateway_progress(a)
     return {
         "admit_rate": a.admit_rate,
         "starts_at_s": a.starts_at_s,
@@ -515,8 +516,7 @@ def report(a: Analysis, tol: Tolerance = DEFAULT_TOLERANCE) -> dict[str, Any]:
         "bought": sum(1 for b in a.buys if b.status == 200 and b.pass_kind == PASS_OWN),
         "purchases": dict(tries),
         "admissions_per_s_mean": mean, "admissions_per_s_peak_seen": peak,
-        "gateway_admitted": a.stats[-1].admitted if a.stats else None,
-        "gateway_per_s_mean": gw_mean, "gateway_per_s_peak": gw_peak, "gateway_samples": len(a.stats),
+        "gateway": gateway,
         "wait_s": {"n": len(wait), "p50": percentile(wait, 50), "p90": percentile(wait, 90),
                    "p99": percentile(wait, 99), "max": max(wait) if wait else None},
         "rho_before_start": rho(a.pre), "rho_after_start": rho(a.post),
@@ -527,6 +527,15 @@ def report(a: Analysis, tol: Tolerance = DEFAULT_TOLERANCE) -> dict[str, Any]:
 
 def _s(value: float | None, fmt: str = ".2f") -> str:
     return "-" if value is None else format(value, fmt)
+
+
+def _gateway_lines(g: dict[str, Any]) -> list[str]:
+    if not g.get("samples"):
+        return []
+    by = g["by"]
+    return [f"  {'admitted (gateway)':<22}{g['final']:>10}   by its own count ({g['samples']} reads): half by "
+            f"{_s(by.get('50%'), '.1f')} s, 90 % by {_s(by.get('90%'), '.1f')} s, all by {_s(by.get('100%'), '.1f')} s"
+            f" after the start; most {_s(g['peak_per_s'], '.0f')}/s over 1 s or more"]
 
 
 def report_lines(r: dict[str, Any]) -> list[str]:
@@ -542,9 +551,7 @@ def report_lines(r: dict[str, Any]) -> list[str]:
         f"  {'bought with a pass':<22}{r['bought']:>10}   purchases: {tries or 'none'}",
         f"  {'admissions/s':<22}{_s(r['admissions_per_s_mean'], '.1f'):>10}   mean from first to last; "
         f"peak seen in one second {r['admissions_per_s_peak_seen']}",
-        *([f"  {'gateway: admitted':<22}{r['gateway_admitted']:>10}   by its own count ({r['gateway_samples']} "
-           f"samples); {_s(r['gateway_per_s_mean'], '.1f')}/s while it grew, most in ~1 s "
-           f"{_s(r['gateway_per_s_peak'], '.0f')}/s"] if r.get("gateway_samples") else []),
+        *_gateway_lines(r.get("gateway") or {}),
         f"  {'wait to admission':<22}{_s(w['p50']):>10}   s p50; p90 {_s(w['p90'])} s, p99 {_s(w['p99'])} s, "
         f"max {_s(w['max'])} s (n {w['n']}; from joining, or from the start)",
         f"  {'order':<22}{_s(r['rho_before_start'], '+.3f'):>10}   Spearman rho, joined before the start "
