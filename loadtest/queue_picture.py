@@ -84,8 +84,8 @@ def build(record: Record, sku: str, admit_rate: float, starts_at_ms: int | None,
         origin, has_start = starts_at_ms / 1000, True
     else:
         origin, has_start = min((a.t0 for a in answers), default=0.0), False
-    s = RoomSeries(sku, admit_rate, origin, has_start, joined=len(room.pre) + len(room.post),
-                   admitted=len(room.admitted))
+    s = RoomSeries(sku, admit_rate, origin, has_start,
+                   joined=sum(1 for j in room.journeys.values() if j.join is not None), admitted=len(room.admitted))
     for j in room.admitted:
         sec = math.floor(j.admission.ts - origin)  # type: ignore[union-attr]
         s.admitted_per_s[sec] = s.admitted_per_s.get(sec, 0) + 1
