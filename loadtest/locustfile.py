@@ -147,7 +147,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import random
 import threading
@@ -166,9 +165,10 @@ from locust.env import Environment
 from locust.runners import MasterRunner, WorkerRunner
 
 try:
-    from loadtest import lifecycle, records
+    from loadtest import lifecycle, queueclient, records
 except ImportError:  # run as ``locust -f loadtest/locustfile.py`` from outside the checkout's root
     import lifecycle  # type: ignore[no-redef]
+    import queueclient  # type: ignore[no-redef]
     import records  # type: ignore[no-redef]
 
 log = logging.getLogger("loadtest")
@@ -191,9 +191,7 @@ UNAVAILABLE = (503, "UNAVAILABLE")
 RATE_LIMITED = (429, "RATE_LIMITED")
 OVERLOAD = {UNAVAILABLE, RATE_LIMITED}
 PASS_REQUIRED = (403, "QUEUE_PASS_REQUIRED")
-SALE_ENDED = (410, "SALE_ENDED")
-ADMITTED = (200, "ADMITTED")
-QUEUED = (202, "QUEUED")
+SALE_ENDED, ADMITTED, QUEUED = queueclient.SALE_ENDED, queueclient.ADMITTED, queueclient.QUEUED
 
 
 @dataclass
@@ -1161,20 +1159,6 @@ class Abandoners(Idler):
                 resp.failure(f"cancel answered {resp.status_code} {code} ({data.get('state')})")
 
 
-@dataclass
-class QueueReply:
-    """One answer of the waiting room."""
-
-    status: int
-    code: str
-    body: dict
-    retry_after: float | None
-
-    @property
-    def pair(self) -> tuple[int, str]:
-        return self.status, self.code
-
-
 RECENT_PASSES: list[tuple[int, str]] = []  # (user, pass) of recent admissions in this process
 STATS_EVERY = 0.5  # seconds between two reads of the room's counts at the admin API
 
@@ -1211,8 +1195,8 @@ class QueueCrowd(Idler):
             self.idle()
             return
         users = max(1, QueueCrowd.fixed_count)
-        early = _share(CONFIG.queue_crowd, users)
-        late = _share(CONFIG.queue_late, users)
+        early = queueclient.share(CONFIG.queue_crowd, users)
+        late = queueclient.share(CONFIG.queue_late, users)
         plan = [False] * early + [True] * late
         RoomWatch.crowds += 1
         if not RoomWatch.started and CONFIG.admin_token:
@@ -1235,15 +1219,16 @@ class QueueCrowd(Idler):
                 room = lifecycle.json_or_empty(resp.text).get("waiting_room")
                 if resp.status_code == 200 and isinstance(room, dict):
                     resp.success()
-                    if _int(room.get("admitted")) is None:
+                    if queueclient.integer(room.get("admitted")) is None:
                         log.warning("GET /admin/sales/%s gives no waiting-room counts (%s): the run records "
                                     "the clients' view only", sku, json.dumps(room)[:120])
                         RoomWatch.silent = True
                     else:
                         sold_out = room.get("sold_out")
                         RECORDER.write(records.queue_stats_entry(
-                            sku=sku, t0=t0, ts=ts, admitted=_int(room.get("admitted")),
-                            joined=_int(room.get("joined")), units_left=_int(room.get("units_left")),
+                            sku=sku, t0=t0, ts=ts, admitted=queueclient.integer(room.get("admitted")),
+                            joined=queueclient.integer(room.get("joined")),
+                            units_left=queueclient.integer(room.get("units_left")),
                             sold_out=sold_out if isinstance(sold_out, bool) else None,
                             server_s=records.http_date_s((resp.headers or {}).get("Date"))))
                 elif resp.status_code in (429, 503):
@@ -1323,7 +1308,7 @@ class QueueCrowd(Idler):
             gevent.sleep(lifecycle.poll_delay(answer.retry_after))
 
     def queue_call(self, user_id: int, ticket: str | None, last_position: int | None,
-                   allowed: set[tuple[int, str]] | None = None) -> QueueReply | None:
+                   allowed: set[tuple[int, str]] | None = None) -> queueclient.QueueReply | None:
         """Join (no ticket yet) or poll; checks the answer against the contract and
         records it."""
         sku = self.sale.sku
@@ -1347,65 +1332,17 @@ class QueueCrowd(Idler):
                 return None
             OUTCOMES[(f"{self.scenario} {step}", sku, status, code)] += 1
             headers = resp.headers or {}
-            reply = QueueReply(status, code, body, lifecycle.retry_after(headers.get("Retry-After")))
+            reply = queueclient.QueueReply(status, code, body, lifecycle.retry_after(headers.get("Retry-After")))
             position = body.get("position")
             RECORDER.write(records.queue_entry(
                 sku=sku, user_id=user_id, step=step, status=status, code=code, t0=t0, ts=ts,
                 ticket=body.get("ticket") or ticket, position=position if isinstance(position, int) else None,
-                eta_s=_number(body.get("eta_s")), units_left=_int(body.get("units_left")),
+                eta_s=queueclient.number(body.get("eta_s")), units_left=queueclient.integer(body.get("units_left")),
                 retry_after=reply.retry_after, pass_=body.get("pass"),
                 server_s=records.http_date_s(headers.get("Date")), scenario=self.scenario))
-            problem = queue_problem(reply, headers, ticket, last_position, allowed)
+            problem = queueclient.queue_problem(reply, headers, ticket, last_position, allowed)
             if problem:
                 resp.failure(problem)
             else:
                 resp.success()
             return reply
-
-
-def _share(total: int, parts: int) -> int:
-    """One Locust user's part of ``total`` buyers (the first ones may take one more)."""
-    return math.ceil(max(0, total) / parts)
-
-
-def _number(value: Any) -> float | None:
-    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
-
-
-def _int(value: Any) -> int | None:
-    return value if isinstance(value, int) and not isinstance(value, bool) else None
-
-
-def queue_problem(reply: QueueReply, headers: Any, ticket: str | None, last_position: int | None,
-                  allowed: set[tuple[int, str]] | None = None) -> str | None:
-    """What is wrong with a waiting-room answer, by the contract (None: nothing)."""
-    body, pair = reply.body, reply.pair
-    if allowed is not None and pair not in allowed and pair not in OVERLOAD:
-        return f"QueueCrowd: {pair[0]} {pair[1]} is not an allowed answer here: {json.dumps(body)[:160]}"
-    if pair in OVERLOAD:
-        return None if headers.get("Retry-After") else f"{pair[0]} {pair[1]} without Retry-After"
-    if pair == ADMITTED:
-        if not isinstance(body.get("pass"), str) or not body["pass"]:
-            return f"200 ADMITTED without a pass: {json.dumps(body)[:160]}"
-        if _number(body.get("expires_in")) is None:
-            return "200 ADMITTED without expires_in"
-        return None
-    if pair == QUEUED:
-        missing = [k for k in ("ticket", "position", "eta_s", "units_left") if k not in body]
-        if missing:
-            return f"202 QUEUED without {', '.join(missing)}: {json.dumps(body)[:160]}"
-        if reply.retry_after is None:
-            return "202 QUEUED without Retry-After"
-        if ticket is not None and body["ticket"] != ticket:
-            return f"the ticket changed: {ticket} then {body['ticket']}"
-        position = body["position"]
-        if position is not None and (not isinstance(position, int) or isinstance(position, bool) or position < 0):
-            return f"position {position!r} is not a number of places"
-        if position is not None and last_position is not None and position > last_position:
-            return f"position grew from {last_position} to {position}"
-        if _int(body["units_left"]) is None or _number(body["eta_s"]) is None:
-            return f"units_left / eta_s not numbers: {json.dumps(body)[:160]}"
-        return None
-    if pair in (SOLD_OUT, SALE_ENDED):
-        return None
-    return f"QueueCrowd: {pair[0]} {pair[1]} from the waiting room: {json.dumps(body)[:160]}"
