@@ -48,7 +48,7 @@ QUEUE_STOCK ?= 10500
 QUEUE_RATE  ?= 200
 QUEUE_ARGS  ?=
 loadtest-queue: setup
-	$(BIN)/python -m loadtest.run QueueCrowd --run-time 100s --users 20 --queue-users 20 --queue-lead 25 \
+	$(BIN)/python -m loadtest.run QueueCrowd --run-time 100s --users 20 --queue-users 20 --queue-lead 25 --gateway-workers 2 \
 		--queue-crowd $(QUEUE_CROWD) --queue-late $(QUEUE_LATE) --queue-stock $(QUEUE_STOCK) \
 		--queue-rate $(QUEUE_RATE) --queue-picture docs/waiting-room.png $(QUEUE_ARGS)
 
