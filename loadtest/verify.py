@@ -1112,10 +1112,10 @@ def build_parser() -> argparse.ArgumentParser:
     q = p.add_argument_group("waiting room (invariant 9)")
     d = Tolerance()
     q.add_argument("--queue-rate-tolerance", type=float, default=d.rate, metavar="FRACTION",
-                   help=f"admissions allowed above R·W + R in a W-second window, relative [{d.rate}]")
+                   help=f"admissions allowed above R·W + max(R, 1) in a W-second window, relative [{d.rate}]")
     q.add_argument("--queue-order-slack", type=int, default=None, metavar="USERS",
                    help="users one who joined after the start may overtake (the gateway's stated bound) "
-                        "[R: one second's admissions]")
+                        "[R/10 + max(R, 1): one admitter tick and one second's burst]")
     q.add_argument("--queue-rho-max", type=float, default=d.rho_max,
                    help=f"largest |Spearman rho| of join vs admission order for who joined before the "
                         f"start [{d.rho_max}]")

@@ -18,10 +18,10 @@ server_s + 1)``). The checks count only what the intervals prove:
 
 (b) **Rate.** At most R admissions per second plus one second's burst: in any window of
     W seconds, the admissions whose whole interval lies inside it must number at most
-    ``(R·W + R)·(1 + tolerance)``, for W = 1, 2, 5, 10, 30 s and the whole run, on each
+    ``(R·W + max(R, 1))·(1 + tolerance)``, for W = 1, 2, 5, 10, 30 s and the whole run, on each
     clock the records allow [``admission_rate_exceeded``]. When the run sampled the
     gateway's own count of admissions (``queue_stats``, from ``GET /admin/sales/{sku}``),
-    the count may grow between two samples by at most ``(R·T + R)·(1 + tolerance)``,
+    the count may grow between two samples by at most ``(R·T + max(R, 1))·(1 + tolerance)``,
     T the longest the time between them can have been (first request out to last
     answer in) [``admission_rate_exceeded``].
 (c) **Order.** For users who joined after ``starts_at``, first in, first out: a user v
@@ -29,7 +29,8 @@ server_s + 1)``). The checks count only what the intervals prove:
     came before v's first join request left: a join answered 503 may have taken the
     place all the same) and u was still answered ``QUEUED`` to a poll sent after
     v's ``ADMITTED`` came back. Each v may overtake at most ``order_slack`` users (the
-    bound the gateway states; default one second's admissions, R)
+    bound the gateway states: by default R/10 + max(R, 1), one admitter tick's
+    admissions and one second's burst, for two admitters overlapping)
     [``admitted_out_of_order``]. Those who joined before the start must be shuffled:
     Spearman's rho between their join order and their admission order is reported and
     must stay within ``±rho_max`` (default 0.2; with n such users a random order gives
@@ -71,14 +72,18 @@ CLIENT, SERVER = "client", "server"
 class Tolerance:
     """How far the run may stray from the contract before it is a violation."""
 
-    rate: float = 0.10  # relative, on top of R·W + R
-    order_slack: int | None = None  # users one may overtake; None: one second's admissions (R)
+    rate: float = 0.10  # relative, on top of R·W + max(R, 1)
+    order_slack: int | None = None  # users one may overtake; None: the gateway's stated bound, R/10 + max(R, 1)
     rho_max: float = 0.2  # |Spearman rho| of the pre-start joiners' join vs admission order
     rho_min_users: int = 30  # fewer pre-start admissions than this: rho is reported, not judged
     start_slack_s: float = 1.5  # clock skew allowed around starts_at
 
     def slack(self, admit_rate: float) -> int:
-        return self.order_slack if self.order_slack is not None else max(1, math.ceil(admit_rate))
+        """The gateway's README: while two admitters overlap, a ticket can be overtaken by
+        at most one tick's admissions, R/10 + one second's burst (at least one)."""
+        if self.order_slack is not None:
+            return self.order_slack
+        return math.ceil(admit_rate / 10 + max(admit_rate, 1.0))
 
 
 DEFAULT_TOLERANCE = Tolerance()
@@ -273,8 +278,9 @@ def most_within(intervals: Sequence[tuple[float, float]], width: float) -> tuple
 
 
 def rate_limit(admit_rate: float, width: float, tolerance: float) -> float:
-    """At most R per second plus one second's burst, within the tolerance."""
-    return (admit_rate * width + admit_rate) * (1 + tolerance)
+    """At most R per second plus one second's burst (at least one admission), within
+    the tolerance."""
+    return (admit_rate * width + max(admit_rate, 1.0)) * (1 + tolerance)
 
 
 def waits(a: Analysis) -> list[float]:
@@ -320,7 +326,7 @@ def check_rate(a: Analysis, tol: Tolerance) -> list[Finding]:
             if n > limit:
                 out.append(Finding("admission_rate_exceeded",
                                    f"{n} admissions within {width:.1f} s from t={t:.3f} ({clock} clock), "
-                                   f"more than R·W + R = {a.admit_rate * (width + 1):.0f} "
+                                   f"more than R·W + max(R, 1) = {a.admit_rate * width + max(a.admit_rate, 1):.0f} "
                                    f"(+{tol.rate:.0%}: {limit:.0f}) at R = {a.admit_rate:g}/s"))
                 break  # one window per clock says it
     return out
@@ -344,7 +350,7 @@ def check_gateway_rate(a: Analysis, tol: Tolerance) -> list[Finding]:
     _, first, later = worst
     return [Finding("admission_rate_exceeded",
                     f"the gateway's count of admissions grew from {first.admitted} to {later.admitted} within at "
-                    f"most {later.ts - first.t0:.2f} s (t={first.t0:.3f}..{later.ts:.3f}): more than R·T + R "
+                    f"most {later.ts - first.t0:.2f} s (t={first.t0:.3f}..{later.ts:.3f}): more than R·T + max(R, 1) "
                     f"(+{tol.rate:.0%}) at R = {a.admit_rate:g}/s")]
 
 
