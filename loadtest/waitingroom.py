@@ -33,8 +33,9 @@ server_s + 1)``). The checks count only what the intervals prove:
     admissions and one second's burst, for two admitters overlapping)
     [``admitted_out_of_order``]. Those who joined before the start must be shuffled:
     Spearman's rho between their join order and their admission order is reported and
-    must stay within ``±rho_max`` (default 0.2; with n such users a random order gives
-    |rho| ≈ 1/√n) [``not_shuffled``]. Nobody is let through before the start
+    must stay within ±max(``rho_max``, 4/√(n−1)) (default 0.2; a random order's rho has
+    a standard deviation of 1/√(n−1), so a fair shuffle fails with odds below 1 in
+    10,000) [``not_shuffled``]. Nobody is let through before the start
     [``queue_admitted_before_start``].
 (a) **No purchase without a pass.** A purchase sent without ``X-Queue-Pass``, with a
     forged one or with another user's must not be admitted [``purchase_without_pass``];
@@ -74,8 +75,15 @@ class Tolerance:
 
     rate: float = 0.10  # relative, on top of R·W + max(R, 1)
     order_slack: int | None = None  # users one may overtake; None: the gateway's stated bound, R/10 + max(R, 1)
-    rho_max: float = 0.2  # |Spearman rho| of the pre-start joiners' join vs admission order
+    rho_max: float = 0.2  # |Spearman rho| of the pre-start joiners' join vs admission order ...
+    rho_sigmas: float = 4.0  # ... or this many standard deviations of a random order's, 1/√(n−1)
     rho_min_users: int = 30  # fewer pre-start admissions than this: rho is reported, not judged
+
+    def rho_limit(self, n: int) -> float:
+        """The largest |rho| a shuffled order may show among n: ``rho_max``, or for small n
+        ``rho_sigmas`` standard deviations (a random order's rho has about 1/√(n−1)), so
+        that a fair shuffle fails with odds below 1 in 10,000."""
+        return max(self.rho_max, self.rho_sigmas / math.sqrt(max(1, n - 1)))
     start_slack_s: float = 1.5  # clock skew allowed around starts_at
 
     def slack(self, admit_rate: float) -> int:
@@ -419,10 +427,11 @@ def check_order(a: Analysis, tol: Tolerance) -> list[Finding]:
                                                     f"{slack}"))
     r = rho(a.pre)
     n_pre = sum(1 for j in a.pre if j.admission is not None)
-    if r is not None and n_pre >= tol.rho_min_users and abs(r) > tol.rho_max:
+    if r is not None and n_pre >= tol.rho_min_users and abs(r) > tol.rho_limit(n_pre):
         out.append(Finding("not_shuffled",
                            f"the {n_pre} users admitted after joining before the start came in with Spearman rho "
-                           f"{r:+.3f} between join and admission order (|rho| ≤ {tol.rho_max} expected: shuffled)"))
+                           f"{r:+.3f} between join and admission order (|rho| ≤ {tol.rho_limit(n_pre):.3f} "
+                           f"expected: shuffled)"))
     if a.starts_at_s is not None:
         early = [j for j in a.admitted if (iv := j.interval(CLIENT)) and iv[1] < a.starts_at_s - tol.start_slack_s]
         for j in early[:20]:

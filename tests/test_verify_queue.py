@@ -11,8 +11,10 @@ gateway, no Locust, no timing.
 
 from __future__ import annotations
 
+import asyncio
 import bisect
 import random
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,6 +24,7 @@ from gateway.models import Order, Purchase, Sale
 from loadtest import records, verify, waitingroom
 from loadtest.records import PASS_FORGED, PASS_NONE, PASS_OTHER, PASS_OWN
 from loadtest.waitingroom import Tolerance
+from tests.support.api import Api
 
 T0 = 1_800_000_000.0
 SKU = "wr"
@@ -420,3 +423,70 @@ def test_a_join_answered_503_may_have_taken_the_place():
     # the same user, had its first join come after the start, would have overtaken the crowd
     sim.entries[-2] = dict(sim.entries[-2], t0=sim.starts + 0.1, ts=sim.starts + 0.15)
     assert "admitted_out_of_order" in kinds(findings(sim))
+
+
+# -- a real room, through the gateway's API ---------------------------------------------------------
+
+async def test_a_room_through_the_api_keeps_invariant_9(api: Api, sku: str, tmp_path: Path):
+    """30 buyers join a room (R = 100/s, stock 25) before its start, poll, buy with their
+    pass; every tenth also tries without one after the start (403). Recorded as QueueCrowd
+    records, the verifier finds every invariant kept and reports the room; a pass-less
+    200 seeded into the record is then caught."""
+    rate, stock = 100, 25
+    rng = random.Random(sku)
+    starts = (int(time.time()) + 2) * 1000
+    await api.create_sale(sku, stock, shards=4, starts_at=records.rfc3339(starts),
+                          waiting_room={"admit_rate": rate})
+    lines = [records.sale_entry(sku=sku, scenario="QueueCrowd", outcome="created", ts=time.time(), stock=stock,
+                                per_user_limit=1, shards=4, starts_at_ms=starts, admit_rate=rate)]
+
+    async def ask(user: int, ticket: str | None) -> tuple[int, dict]:
+        t0 = time.time()
+        if ticket is None:
+            resp = await api.client.post(f"/api/queue/{sku}", headers={"X-User-Id": str(user)})
+        else:
+            resp = await api.client.get(f"/api/queue/{sku}/{ticket}", headers={"X-User-Id": str(user)})
+        body = await resp.json()
+        lines.append(records.queue_entry(
+            sku=sku, user_id=user, step="join" if ticket is None else "poll", status=resp.status, code=body["code"],
+            t0=t0, ts=time.time(), ticket=body.get("ticket") or ticket, position=body.get("position"),
+            units_left=body.get("units_left"), pass_=body.get("pass"),
+            server_s=records.http_date_s(resp.headers.get("Date")), scenario="QueueCrowd"))
+        return resp.status, body
+
+    async def purchase(user: int, ticket: str | None, pass_: str | None, kind: str) -> int:
+        t0 = time.time()
+        status, body, _ = await api.buy(sku, user, await api.token(user), 1,
+                                        headers={"X-Queue-Pass": pass_} if pass_ else None)
+        lines.append(records.queue_buy_entry(sku=sku, user_id=user, pass_kind=kind, status=status, code=body["code"],
+                                             ts=time.time(), t0=t0, ticket=ticket, order_no=body.get("order_no")))
+        return status
+
+    async def buyer(user: int) -> None:
+        ticket = None
+        status, body = await ask(user, None)
+        while status in (202, 503):
+            ticket = body.get("ticket", ticket)
+            await asyncio.sleep(rng.uniform(0.05, 0.25))  # at random moments: not in join order
+            status, body = await ask(user, ticket)
+        if status == 200:
+            if user % 10 == 0:  # admitted, so after the start: first without the pass
+                assert await purchase(user, ticket, None, PASS_NONE) == 403
+            assert await purchase(user, ticket, body["pass"], PASS_OWN) in (200, 410)
+
+    await asyncio.gather(*(buyer(u) for u in range(1, 31)))
+    path = tmp_path / "record.jsonl"
+    path.write_bytes(b"".join(records.line(e) for e in lines))
+    snap = await verify.collect(api.gateway.store, sku, admitted=path)
+    assert snap.window.admit_rate == rate and len(snap.queue) > 30
+    assert verify.check(snap, expect_sold_out=True) == []
+    room = verify.summary(snap)["waiting_room"]
+    admitted = {e["user_id"] for e in lines if e.get("code") == "ADMITTED"}
+    assert room["joined_before_start"] == 30 and room["admitted"] >= stock and room["bought"] == stock
+    assert room["purchases"]["none 403 QUEUE_PASS_REQUIRED"] == sum(1 for u in (10, 20, 30) if u in admitted)
+
+    with open(path, "ab") as fh:  # a purchase without a pass that the gateway let through
+        fh.write(records.line(records.queue_buy_entry(sku=sku, user_id=7, pass_kind=PASS_NONE, status=200,
+                                                      code="OK", ts=time.time(), order_no="x")))
+    snap = await verify.collect(api.gateway.store, sku, admitted=path)
+    assert {v.kind for v in verify.check(snap)} == {"purchase_without_pass"}
