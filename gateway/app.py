@@ -110,7 +110,8 @@ class Gateway:
                  openapi_json=orjson.dumps(build_openapi()))
         fast = {path: metrics.fast_answers.labels(path) for path in ("window", "sold_out")}
         gw.purchases = PurchaseService(settings, store, sales, sold_out, rebalancer, gw.token_issuer,
-                                       gw.queue_signer, on_fast_answer=lambda path: fast[path].inc())
+                                       on_fast_answer=lambda path: fast[path].inc(),
+                                       queue_signer=gw.queue_signer)
         gw.room = WaitingRoom(store, sales, sold_out, gw.queue_signer, settings.queue_pass_ttl)
         gw.admitter = Admitter(store, sold_out, gw.room)
         return gw

@@ -93,6 +93,8 @@ class Admitter:
             generation=sale.generation, units_left=units_left, rate=sale.admit_rate,
             burst=burst, sold_out=sold_out, joined=sum(head.length for head in heads),
             base=cursors, order=order))
+        if sale.ends_at and now >= sale.ends_at:
+            self.room.active.pop(sale.sku, None)  # over: published one last time
         return admitted
 
     async def _sold_out(self, sale: Sale) -> bool:

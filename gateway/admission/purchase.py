@@ -48,8 +48,10 @@ class PurchaseService:
     sold_out: SoldOut
     rebalancer: Rebalancer
     token_issuer: Callable[[], Awaitable[TokenIssuer]]
-    queue_signer: Callable[[], Awaitable[QueueSigner]]
     on_fast_answer: Callable[[str], None] = lambda path: None  # e.g. a metric per path
+    # Checks waiting-room passes; None: none can be checked (a sale with a waiting room
+    # then sells to nobody).
+    queue_signer: Callable[[], Awaitable[QueueSigner]] | None = None
 
     async def buy(self, user_id: int, sku: str, key: str, quantity: int,
                   queue_pass: str | None = None) -> Outcome:
@@ -64,9 +66,7 @@ class PurchaseService:
             raise refused
         if self.settings.key_mode == "token" and not (await self.token_issuer()).verify(key, user_id):
             raise ApiError(403, "TOKEN_INVALID", "the key is not a token issued to you, or it expired")
-        if sale.admit_rate and not (await self.queue_signer()).valid_pass(
-                queue_pass, sku, sale.generation, user_id):
-            # Checked in memory (a signed pass), before any Redis work.
+        if sale.admit_rate and not await self._has_pass(queue_pass, sale, user_id):
             raise ApiError(403, "QUEUE_PASS_REQUIRED",
                            "this sale has a waiting room: send the X-Queue-Pass it gave you")
         if self.sold_out.answers(sale, user_id):
@@ -75,6 +75,14 @@ class PurchaseService:
             self.on_fast_answer("sold_out")
             return SOLD_OUT
         return await self._admit(sale, user_id, key, quantity)
+
+    async def _has_pass(self, queue_pass: str | None, sale: Sale, user_id: int) -> bool:
+        """A waiting room's pass for this user and sale, not expired: checked in memory
+        (a signed pass), before any Redis work."""
+        if self.queue_signer is None:
+            return False
+        signer = await self.queue_signer()
+        return signer.valid_pass(queue_pass, sale.sku, sale.generation, user_id)
 
     async def _admit(self, sale: Sale, user_id: int, key: str, quantity: int) -> Outcome:
         # What to answer when the shard is short: nothing yet (ask for units), until the

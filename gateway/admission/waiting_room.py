@@ -102,10 +102,10 @@ class WaitingRoom:
             if self.sold_out.known(sku):
                 raise sold_out()
             return self._admitted(signer, sale, user_id, None)
-        self.active[sku] = sale
         state = await self.state(sale)
         if sale.ends_at and now >= sale.ends_at:
             raise sale_ended(state.units_left)
+        self.active[sku] = sale
         if state.sold_out or self.sold_out.known(sku):
             raise sold_out()
         shard = shard_of(user_id, sale.shards)
@@ -127,10 +127,10 @@ class WaitingRoom:
         if ticket is None or ticket.shard != shard_of(user_id, sale.shards):
             raise no_ticket()
         now = now_ms()
-        self.active[sku] = sale
         state = await self.state(sale)
         if sale.ends_at and now >= sale.ends_at:
             raise sale_ended(state.units_left)
+        self.active[sku] = sale
         return await self._answer(signer, sale, user_id, ticket, text, state, now)
 
     # -- answers ----------------------------------------------------------------------
