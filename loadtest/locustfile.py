@@ -1244,7 +1244,7 @@ class QueueCrowd(Idler):
         if late:
             gevent.sleep(max(0.0, starts - time.time()) + random.uniform(0.3, max(0.4, CONFIG.queue_late_window)))
         else:
-            gevent.sleep(random.uniform(0, max(0.2, starts - time.time() - 3.5)))  # all in before the start
+            gevent.sleep(random.uniform(0, max(0.2, starts - time.time() - 5.0)))  # all in well before the start
         user_id = random.randrange(1 << 40, 1 << 62)  # one place per buyer: ids never drawn twice
         ticket: str | None = None
         last_position: int | None = None
