@@ -55,7 +55,7 @@ class RoomSeries:
     median: list[tuple[float, float]] = field(default_factory=list)  # (second, median position)
     p90: list[tuple[float, float]] = field(default_factory=list)
     sold_out_at: float | None = None  # first 410 on the queue
-    gateway: list[tuple[float, int]] = field(default_factory=list)  # (t, the gateway's count of admissions)
+    gateway: list[tuple[float, int]] = field(default_factory=list)  # (t, the gateway's count): at least n by t
     joined: int = 0
     admitted: int = 0
 
@@ -104,22 +104,28 @@ def build(record: Record, sku: str, admit_rate: float, starts_at_ms: int | None,
         s.median.append((sec + 0.5, waitingroom.percentile(values, 50) or 0.0))
         s.p90.append((sec + 0.5, waitingroom.percentile(values, 90) or 0.0))
     s.tickets = _sample(room, origin, sampled)
-    s.gateway = [((q.t0 + q.ts) / 2 - origin, q.admitted or 0) for q in room.stats]
+    s.gateway = [(q.ts - origin, q.admitted or 0) for q in sorted(room.stats, key=lambda q: q.ts)]
     return s
 
 
-def gateway_per_second(points: Sequence[tuple[float, int]], span: float = 1.0) -> list[tuple[float, float]]:
-    """The gateway's admissions per second from its sampled count: the growth over
-    about ``span`` seconds before each sample."""
-    out: list[tuple[float, float]] = []
-    j = 0
-    for t, n in points:
-        while j < len(points) and t - points[j][0] > span:
-            j += 1
-        k = max(0, j - 1)
-        t0, n0 = points[k]
-        if t - t0 >= span * 0.5:
-            out.append((t, (n - n0) / (t - t0)))
+def gateway_per_second(points: Sequence[tuple[float, int]], span: float = 1.0,
+                       start: float | None = None) -> list[tuple[float, float, float]]:
+    """The gateway's admissions per second from its sampled count, as steps ``(from,
+    to, rate)``: the growth between reads at least ``span`` seconds apart, spread over
+    the time between them; from ``start`` on when the earlier read was before it with
+    nothing admitted yet (the room admits nothing before its start: the verifier checks
+    that, the picture need not smear the first second's admissions back over it)."""
+    out: list[tuple[float, float, float]] = []
+    if not points:
+        return out
+    t0, n0 = points[0]
+    for t, n in points[1:]:
+        if t - t0 >= span:
+            since = start if start is not None and n0 == 0 and t0 < start < t else t0
+            if since > t0:
+                out.append((t0, since, 0.0))
+            out.append((since, t, (n - n0) / (t - since)))
+            t0, n0 = t, n
     return out
 
 
@@ -192,12 +198,13 @@ def _rates(ax: Axes, room: RoomSeries) -> None:
     if room.admit_rate:
         ax.axhline(room.admit_rate, color="grey", linestyle="--", linewidth=1,
                    label=f"admit_rate R = {room.admit_rate:g}/s")
-    rates = gateway_per_second(room.gateway)
+    rates = gateway_per_second(room.gateway, start=0.0 if room.has_start else None)
     if rates:
-        ax.plot([t for t, _ in rates], [r for _, r in rates], color="#ff7f0e", linewidth=1.6,
-                label="the gateway's own count, per second")
+        xs = [x for a, b, _ in rates for x in (a, b)]
+        ys = [r for _, _, r in rates for _ in (0, 1)]
+        ax.plot(xs, ys, color="#ff7f0e", linewidth=1.6, label="the gateway's own count, per second")
     _marks(ax, room)
-    top = max([*room.admitted_per_s.values(), *room.bought_per_s.values(), *(r for _, r in rates),
+    top = max([*room.admitted_per_s.values(), *room.bought_per_s.values(), *(r for _, _, r in rates),
                room.admit_rate, 1])
     ax.set_ylim(0, top * 1.55)  # room for the legend above the bars
     if secs:
@@ -221,8 +228,8 @@ def _cumulative(ax: Axes, room: RoomSeries, secs: list[int]) -> None:
         ys.append(total)
     right.plot(xs, ys, color="#1f77b4", linewidth=1.6, label="admitted so far, as seen (right)")
     if room.gateway:
-        right.plot([t for t, _ in room.gateway], [n for _, n in room.gateway], color="#ff7f0e", linewidth=1.2,
-                   linestyle="--", label="admitted so far, the gateway's count (right)")
+        right.step([t for t, _ in room.gateway], [n for _, n in room.gateway], where="post", color="#ff7f0e",
+                   linewidth=1.2, linestyle="--", label="admitted so far, the gateway's count when read (right)")
     if room.admit_rate:
         start = 0 if room.has_start else secs[0]
         bound = [room.admit_rate * (x - start) + room.admit_rate for x in xs]

@@ -54,3 +54,22 @@ def test_command_line(tmp_path: Path, capsys):
     empty.write_text("")
     assert queue_picture.main([str(empty), "--out", str(tmp_path / "y.png")]) == 1
     assert not (tmp_path / "y.png").exists()
+
+
+def test_the_gateway_count_as_steps_per_second():
+    points = [(-0.7, 0), (-0.2, 0), (2.0, 400), (2.5, 450), (3.1, 600), (9.0, 600)]
+    steps = queue_picture.gateway_per_second(points, start=0.0)
+    assert steps[:2] == [(-0.7, 0.0, 0.0), (0.0, 2.0, 200.0)]  # nothing before the start: the growth is after it
+    assert steps[2][0] == 2.0 and steps[2][1] == 3.1 and abs(steps[2][2] - 200 / 1.1) < 1e-9
+    assert steps[3] == (3.1, 9.0, 0.0)
+    assert all(a[1] == b[0] for a, b in zip(steps, steps[1:]))  # contiguous
+    assert queue_picture.gateway_per_second(points)[0] == (-0.7, 2.0, 400 / 2.7)
+    assert queue_picture.gateway_per_second([]) == []
+
+
+def test_the_gateway_count_is_drawn_when_read(tmp_path: Path):
+    sim = Sim(pre=100, post=20, stats_every=0.5).run()
+    room = queue_picture.build(sim.record(), SKU, sim.rate, int(sim.starts * 1000))
+    assert room.gateway and room.gateway[-1][1] == 120
+    assert [n for _, n in room.gateway] == sorted(n for _, n in room.gateway)
+    assert queue_picture.render([room], tmp_path / "wr.png").exists()
