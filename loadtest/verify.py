@@ -80,7 +80,8 @@ The contract's invariants, and how each is checked (``Violation.kind`` in bracke
    nobody let through before it [``admitted_out_of_order``, ``not_shuffled``,
    ``queue_admitted_before_start``]; positions never grow [``position_grew``]; one
    user, one place [``two_tickets``, ``ticket_shared``, ``pass_shared``,
-   ``admitted_twice``]. How each is measured: ``loadtest/waitingroom.py``. The table
+   ``admitted_twice``]; after a first 410 nobody is told to wait on, unless units came
+   back [``queued_after_sold_out``]. How each is measured: ``loadtest/waitingroom.py``. The table
    adds the room's figures: joined, admitted, bought, admissions per second, wait
    percentiles, Spearman rho of join against admission order.
 
@@ -945,8 +946,10 @@ def check_waiting_room(snap: Snapshot, tolerance: Tolerance = DEFAULT_TOLERANCE)
     if room is None:
         return []
     orders = [(o.order_no, o.user_id) for o in snap.orders.values()]
+    came_back = any(o.status in RETURNED for o in snap.orders.values())
     return [Violation(f.kind, 9, f.message)
-            for f in waitingroom.check(room, tolerance, orders=orders, complete=snap.created_by_run)]
+            for f in waitingroom.check(room, tolerance, orders=orders, complete=snap.created_by_run,
+                                       units_came_back=came_back)]
 
 
 def check(snap: Snapshot, *, expect_sold_out: bool = False, queue: Tolerance = DEFAULT_TOLERANCE) -> list[Violation]:

@@ -42,6 +42,11 @@ server_s + 1)``). The checks count only what the intervals prove:
     when the run created the sale (every buyer is in the record), every order the sale
     holds belongs to a user the waiting room admitted [``order_without_admission``].
 (d) A ticket's ``position`` never grows [``position_grew``].
+(f) **The stock's news.** Once a ticket was told ``410`` (``SOLD_OUT`` / ``SALE_ENDED``),
+    every waiting ticket learns it at its next poll: no ``QUEUED`` answer to a request
+    sent more than ``news_slack_s`` (2 s: the admitter's tick, each process's refresh)
+    after the first 410 came back, unless units came back to the sale (admission then
+    resumes) [``queued_after_sold_out``].
 (e) One user, one place: no user holds two tickets [``two_tickets``], no ticket or
     pass is given to two users [``ticket_shared``, ``pass_shared``], and a user once
     admitted is never put back in line to be let through again (a later answer
@@ -78,13 +83,14 @@ class Tolerance:
     rho_max: float = 0.2  # |Spearman rho| of the pre-start joiners' join vs admission order ...
     rho_sigmas: float = 4.0  # ... or this many standard deviations of a random order's, 1/√(n−1)
     rho_min_users: int = 30  # fewer pre-start admissions than this: rho is reported, not judged
+    start_slack_s: float = 1.5  # clock skew allowed around starts_at
+    news_slack_s: float = 2.0  # how long after a first 410 another process may still answer QUEUED
 
     def rho_limit(self, n: int) -> float:
         """The largest |rho| a shuffled order may show among n: ``rho_max``, or for small n
         ``rho_sigmas`` standard deviations (a random order's rho has about 1/√(n−1)), so
         that a fair shuffle fails with odds below 1 in 10,000."""
         return max(self.rho_max, self.rho_sigmas / math.sqrt(max(1, n - 1)))
-    start_slack_s: float = 1.5  # clock skew allowed around starts_at
 
     def slack(self, admit_rate: float) -> int:
         """The gateway's README: while two admitters overlap, a ticket can be overtaken by
@@ -505,11 +511,34 @@ def check_places(a: Analysis) -> list[Finding]:
     return out
 
 
+def first_gone(a: Analysis) -> QueueAnswer | None:
+    """The first 410 (SOLD_OUT or SALE_ENDED) the room answered, by when it came back."""
+    gone = [x for j in a.journeys.values() for x in j.answers if x.gone]
+    return min(gone, key=lambda x: (x.ts, x.line)) if gone else None
+
+
+def check_news(a: Analysis, tol: Tolerance, *, units_came_back: bool = False) -> list[Finding]:
+    """After the first 410, nobody is told to keep waiting (unless units came back)."""
+    first = first_gone(a)
+    if first is None or (units_came_back and first.code == "SOLD_OUT"):
+        return []
+    late = sorted((x for j in a.journeys.values() for x in j.answers
+                   if x.queued and x.t0 > first.ts + tol.news_slack_s), key=lambda x: x.t0)
+    out = [Finding("queued_after_sold_out",
+                   f"user {x.user_id} was answered QUEUED (position {x.position}) to a poll sent "
+                   f"{x.t0 - first.ts:.2f} s after another ticket was told 410 {first.code}")
+           for x in late[:20]]
+    if len(late) > 20:
+        out.append(Finding("queued_after_sold_out", f"… and {len(late) - 20} more QUEUED answers"))
+    return out
+
+
 def check(a: Analysis, tol: Tolerance = DEFAULT_TOLERANCE, *, orders: Iterable[tuple[str, int]] = (),
-          complete: bool = False) -> list[Finding]:
+          complete: bool = False, units_came_back: bool = False) -> list[Finding]:
     """Invariant 9 on a sale's waiting room, as findings (empty: kept)."""
     return (check_passes(a, orders, complete=complete) + check_rate(a, tol) + check_gateway_rate(a, tol)
-            + check_order(a, tol) + check_positions(a) + check_places(a))
+            + check_order(a, tol) + check_positions(a) + check_places(a)
+            + check_news(a, tol, units_came_back=units_came_back))
 
 
 # -- the report ------------------------------------------------------------------------------
@@ -521,6 +550,7 @@ def report(a: Analysis, tol: Tolerance = DEFAULT_TOLERANCE) -> dict[str, Any]:
     tries = Counter(f"{b.pass_kind} {b.status} {b.code}" for b in a.buys)
     sizes = [n for _, n in overtakes(a)]
     gateway = gateway_progress(a)
+    gone = first_gone(a)
     return {
         "admit_rate": a.admit_rate,
         "starts_at_s": a.starts_at_s,
@@ -532,6 +562,9 @@ def report(a: Analysis, tol: Tolerance = DEFAULT_TOLERANCE) -> dict[str, Any]:
         "purchases": dict(tries),
         "admissions_per_s_mean": mean, "admissions_per_s_peak_seen": peak,
         "gateway": gateway,
+        "first_410": None if gone is None else {
+            "code": gone.code, "after_start_s": gone.ts - a.starts_at_s if a.starts_at_s is not None else None,
+            "told": sum(1 for j in a.journeys.values() if j.admission is None and any(x.gone for x in j.answers))},
         "wait_s": {"n": len(wait), "p50": percentile(wait, 50), "p90": percentile(wait, 90),
                    "p99": percentile(wait, 99), "max": max(wait) if wait else None},
         "rho_before_start": rho(a.pre), "rho_after_start": rho(a.post),
@@ -542,6 +575,13 @@ def report(a: Analysis, tol: Tolerance = DEFAULT_TOLERANCE) -> dict[str, Any]:
 
 def _s(value: float | None, fmt: str = ".2f") -> str:
     return "-" if value is None else format(value, fmt)
+
+
+def _gone_lines(g: dict[str, Any] | None) -> list[str]:
+    if not g:
+        return []
+    return [f"  {'first 410':<22}{_s(g['after_start_s'], '.2f'):>10}   s after the start ({g['code']}); "
+            f"{g['told']} waiting tickets were told so"]
 
 
 def _gateway_lines(g: dict[str, Any]) -> list[str]:
@@ -563,6 +603,7 @@ def report_lines(r: dict[str, Any]) -> list[str]:
         f"  {'joined':<22}{r['joined']:>10}   ({r['joined_before_start']} before the start, "
         f"{r['joined_after_start']} after; {r['polls']} polls)",
         f"  {'admitted':<22}{r['admitted']:>10}   ({outcomes or 'no outcomes'})",
+        *_gone_lines(r.get("first_410")),
         f"  {'bought with a pass':<22}{r['bought']:>10}   purchases: {tries or 'none'}",
         f"  {'admissions/s':<22}{_s(r['admissions_per_s_mean'], '.1f'):>10}   mean from first to last; "
         f"peak seen in one second {r['admissions_per_s_peak_seen']}",

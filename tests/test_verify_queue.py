@@ -309,6 +309,20 @@ def test_a_fresh_pass_is_fine_but_back_in_line_after_admission_is_not():
     assert len(found) == 1 and f"user {adm['user_id']} " in found[0].message
 
 
+def test_catches_a_ticket_told_to_wait_after_the_sale_sold_out():
+    sim = Sim(stock=250).run()
+    r = waitingroom.report(sim.analysis())
+    assert r["first_410"]["code"] == "SOLD_OUT" and r["first_410"]["told"] == 150
+    assert "first 410" in "\n".join(waitingroom.report_lines(r))
+    gone = min((e for e in sim.entries if e.get("status") == 410), key=lambda e: e["ts"])
+    queued = next(e for e in sim.entries if e.get("code") == "QUEUED" and e["user_id"] != gone["user_id"])
+    sim.entries.append(dict(queued, step="poll", t0=gone["ts"] + 3, ts=gone["ts"] + 3.01, position=1))
+    found = [f for f in findings(sim) if f.kind == "queued_after_sold_out"]
+    assert len(found) == 1 and "3.00 s after" in found[0].message
+    # units came back (a refused delivery, a release): admission resumes, waiting is right
+    assert "queued_after_sold_out" not in kinds(findings(sim, units_came_back=True))
+
+
 def test_the_gateway_count_of_admissions_is_checked_and_reported():
     sim = Sim(stats_every=0.5).run()
     assert findings(sim) == []
