@@ -1,7 +1,7 @@
 """Locust scenarios for the flash-sale gateway, each checking every answer against the contract.
 
     locust -f loadtest/locustfile.py --host http://127.0.0.1:8080 --headless -u 200 -r 100 -t 30s \\
-        [FlashCrowd RetryStorm GreedyUser SkewedCrowd LateCrowd EarlyCrowd Abandoners]
+        [FlashCrowd RetryStorm GreedyUser SkewedCrowd LateCrowd EarlyCrowd Abandoners QueueCrowd]
 
 (or ``python -m loadtest.run``, which also starts a local stack and runs the verifier).
 
@@ -49,10 +49,30 @@ User classes (pick some by name on the command line; default: all, by weight):
     ORDER_CLOSED, and the payment is listed by ``GET /refunds``) or cancels
     (``POST /orders/{no}/cancel``: 200).
 
-Both lifecycle scenarios skip themselves, with one clear log line, when the gateway
-answers 400 to ``starts_at`` / ``payment_ttl`` (a gateway without sale windows or payment
-deadlines), and Abandoners when the orders service's URL, token or payment secret is
-not given; their sales are then noted as ``unsupported`` in the record file.
+``QueueCrowd`` (``--lt-queue-users`` Locust users, the crowd shared among them)
+    Its own sale (``--lt-queue-sku``, stock ``--lt-queue-stock``) with a waiting room
+    (``"waiting_room": {"admit_rate": --lt-queue-rate}``) and ``starts_at``
+    ``--lt-queue-lead`` seconds after the test starts. ``--lt-queue-crowd`` buyers join
+    (``POST /api/queue/{sku}``) at random moments before the start, ``--lt-queue-late``
+    more in the ``--lt-queue-late-window`` seconds after it. Each polls its ticket
+    (``GET /api/queue/{sku}/{ticket}``) when ``Retry-After`` says (never sooner than
+    ``--lt-queue-poll-min``), and once ``ADMITTED`` takes a token and buys with its pass
+    in ``X-Queue-Pass``: 200 OK, 410 SOLD_OUT, 409 ALREADY_PURCHASED. A 410 SOLD_OUT /
+    SALE_ENDED on the queue ends its wait. Answers: 202 QUEUED with ``ticket``,
+    ``position`` (a number or null), ``eta_s``, ``units_left`` and ``Retry-After``; 200
+    ADMITTED with ``pass`` and ``expires_in``; the same ticket on every answer; a
+    ``position`` that never grows. A share ``--lt-queue-sneak`` of the buyers also try
+    to buy without a pass and with a forged one after the start, and with another
+    buyer's pass once admitted: only 403 QUEUE_PASS_REQUIRED (or 410) may answer; after
+    their purchase they poll once more (ADMITTED or 410, never QUEUED again). Every
+    queue answer (with the send and receive times and its ``Date``) and every purchase
+    with the pass it carried go to the record file, for the verifier's invariant 9.
+
+The lifecycle scenarios skip themselves, with one clear log line, when the gateway
+answers 400 to ``starts_at`` / ``payment_ttl`` / ``waiting_room`` (a gateway without sale
+windows, payment deadlines or waiting rooms), and Abandoners when the orders service's
+URL, token or payment secret is not given; their sales are then noted as
+``unsupported`` in the record file.
 
 Everywhere, 503 UNAVAILABLE and 429 RATE_LIMITED are allowed when they carry ``Retry-After``
 (the contract's overload answers; they are counted in the outcome table); any other
@@ -104,6 +124,16 @@ Options (command line, or the environment variable in brackets, or the default):
 --lt-abandon-mix       [SECKILL_LT_ABANDON_MIX]     pay=5,abandon=3,late=1,cancel=1
 --lt-abandon-wait      [SECKILL_LT_ABANDON_WAIT]    Abandoners' think time, s (0.3)
 --lt-orders-url        [SECKILL_LT_ORDERS_URL]      the orders service (Abandoners)
+--lt-queue-sku         [SECKILL_LT_QUEUE_SKU]       QueueCrowd's sale (<sku>-queue)
+--lt-queue-stock       [SECKILL_LT_QUEUE_STOCK]     its stock (2000)
+--lt-queue-rate        [SECKILL_LT_QUEUE_RATE]      its admit_rate, per second (200)
+--lt-queue-crowd       [SECKILL_LT_QUEUE_CROWD]     buyers who join before the start (1800)
+--lt-queue-late        [SECKILL_LT_QUEUE_LATE]      buyers who join after it (400)
+--lt-queue-users       [SECKILL_LT_QUEUE_USERS]     QueueCrowd Locust users (10)
+--lt-queue-lead        [SECKILL_LT_QUEUE_LEAD]      seconds from the test's start to starts_at (12)
+--lt-queue-late-window [SECKILL_LT_QUEUE_LATE_WINDOW] seconds after the start the late ones join in (4)
+--lt-queue-sneak       [SECKILL_LT_QUEUE_SNEAK]     share of buyers who try without a pass (0.02)
+--lt-queue-poll-min    [SECKILL_LT_QUEUE_POLL_MIN]  fewest seconds between two polls (0.25)
 --lt-record            [SECKILL_LT_RECORD]          record file (loadtest/reports/admitted.jsonl)
 --lt-keep-record       [SECKILL_LT_KEEP_RECORD]     append to the record file instead of emptying it
 --lt-admin-token       [SECKILL_ADMIN_TOKEN]        bearer token for /admin/* (create the sales, LateCrowd)
@@ -135,9 +165,10 @@ from locust.env import Environment
 from locust.runners import MasterRunner, WorkerRunner
 
 try:
-    from loadtest import lifecycle, records
+    from loadtest import lifecycle, queueclient, records
 except ImportError:  # run as ``locust -f loadtest/locustfile.py`` from outside the checkout's root
     import lifecycle  # type: ignore[no-redef]
+    import queueclient  # type: ignore[no-redef]
     import records  # type: ignore[no-redef]
 
 log = logging.getLogger("loadtest")
@@ -145,6 +176,7 @@ log = logging.getLogger("loadtest")
 DEFAULT_RECORD = Path(__file__).resolve().parent / "reports" / "admitted.jsonl"
 MAX_CONCURRENCY = 32
 MAX_POLLS = 200  # an EarlyCrowd buyer gives up after this many answers that say "not yet"
+MAX_QUEUE_WAIT = 900.0  # seconds a QueueCrowd buyer waits in the room at most
 START_SLACK_MS = 1500  # clock skew and Retry-After rounding tolerated around starts_at
 DELIVERY_TIMEOUT = 30.0  # seconds an Abandoner waits for its order at the orders service
 EXPIRY_TIMEOUT = 15.0  # seconds past pay_by until the order must read expired
@@ -158,6 +190,8 @@ KEY_REUSED = (422, "IDEMPOTENCY_KEY_REUSED")
 UNAVAILABLE = (503, "UNAVAILABLE")
 RATE_LIMITED = (429, "RATE_LIMITED")
 OVERLOAD = {UNAVAILABLE, RATE_LIMITED}
+PASS_REQUIRED = (403, "QUEUE_PASS_REQUIRED")
+SALE_ENDED, ADMITTED, QUEUED = queueclient.SALE_ENDED, queueclient.ADMITTED, queueclient.QUEUED
 
 
 @dataclass
@@ -189,6 +223,16 @@ class Config:
     abandon_ttl: int = 5
     abandon_mix: str = "pay=5,abandon=3,late=1,cancel=1"
     abandon_wait: float = 0.3
+    queue_sku: str = ""
+    queue_stock: int = 2000
+    queue_rate: float = 200.0
+    queue_crowd: int = 1800
+    queue_late: int = 400
+    queue_users: int = 10
+    queue_lead: float = 12.0
+    queue_late_window: float = 4.0
+    queue_sneak: float = 0.02
+    queue_poll_min: float = 0.25
     orders_url: str = ""
     record: str = str(DEFAULT_RECORD)
     keep_record: bool = False
@@ -230,6 +274,18 @@ _OPTIONS = [  # (option, env var, type, help)
     ("abandon_mix", "SECKILL_LT_ABANDON_MIX", str, "Abandoners: weights of pay, abandon, late, cancel"),
     ("abandon_wait", "SECKILL_LT_ABANDON_WAIT", float, "Abandoners: think time, uniform 0..this, seconds"),
     ("orders_url", "SECKILL_LT_ORDERS_URL", str, "Abandoners: the orders service's URL"),
+    ("queue_sku", "SECKILL_LT_QUEUE_SKU", str, "QueueCrowd: its sale (default <sku>-queue)"),
+    ("queue_stock", "SECKILL_LT_QUEUE_STOCK", int, "QueueCrowd: its sale's stock"),
+    ("queue_rate", "SECKILL_LT_QUEUE_RATE", float, "QueueCrowd: its waiting room's admit_rate, per second"),
+    ("queue_crowd", "SECKILL_LT_QUEUE_CROWD", int, "QueueCrowd: buyers who join before the start"),
+    ("queue_late", "SECKILL_LT_QUEUE_LATE", int, "QueueCrowd: buyers who join after the start"),
+    ("queue_users", "SECKILL_LT_QUEUE_USERS", int, "QueueCrowd: Locust users (the buyers are shared among them)"),
+    ("queue_lead", "SECKILL_LT_QUEUE_LEAD", float, "QueueCrowd: seconds from the test's start to starts_at"),
+    ("queue_late_window", "SECKILL_LT_QUEUE_LATE_WINDOW", float,
+     "QueueCrowd: seconds after the start in which the late buyers join"),
+    ("queue_sneak", "SECKILL_LT_QUEUE_SNEAK", float, "QueueCrowd: share of buyers who also try without a pass"),
+    ("queue_poll_min", "SECKILL_LT_QUEUE_POLL_MIN", float,
+     "QueueCrowd: fewest seconds between two polls (Retry-After is honoured above it)"),
     ("record", "SECKILL_LT_RECORD", str, "record file of the run"),
 ]
 _SECRETS = [  # (option, env var, help): not shown in the web UI
@@ -264,6 +320,7 @@ def _configure(options: Any) -> None:
     CONFIG.concurrency = max(1, min(CONFIG.concurrency, MAX_CONCURRENCY))
     CONFIG.early_sku = CONFIG.early_sku or f"{CONFIG.sku}-early"
     CONFIG.abandon_sku = CONFIG.abandon_sku or f"{CONFIG.sku}-abandon"
+    CONFIG.queue_sku = CONFIG.queue_sku or f"{CONFIG.sku}-queue"
     if CONFIG.key_mode not in ("token", "client"):
         raise SystemExit("--lt-key-mode must be token or client")
     if CONFIG.user_max <= CONFIG.user_min:
@@ -274,6 +331,9 @@ def _configure(options: Any) -> None:
         raise SystemExit(f"--lt-abandon-mix: {exc}") from None
     EarlyCrowd.fixed_count = max(0, CONFIG.early_users)
     Abandoners.fixed_count = max(0, CONFIG.abandon_users)
+    QueueCrowd.fixed_count = max(0, CONFIG.queue_users)
+    if CONFIG.queue_rate <= 0:
+        raise SystemExit("--lt-queue-rate must be above 0")
 
 
 # -- the record file and the outcome table -------------------------------------------------
@@ -354,7 +414,7 @@ def _quitting(environment: Environment, **_kw: Any) -> None:
 class SaleSpec:
     """A sale a scenario buys from, and whether this gateway can hold it."""
 
-    role: str  # main, early, abandon
+    role: str  # main, early, abandon, queue
     scenario: str  # the scenario that owns it ("main": the five classic ones), for the record and the log
     sku: str
     stock: int
@@ -363,6 +423,7 @@ class SaleSpec:
     price: int = 100
     starts_at_ms: int | None = None
     payment_ttl: int | None = None
+    admit_rate: float | None = None  # a waiting room's
     active: bool = True
     skip_reason: str = ""
 
@@ -378,13 +439,15 @@ class SaleSpec:
             body["starts_at"] = records.rfc3339(self.starts_at_ms)
         if self.payment_ttl:
             body["payment_ttl"] = self.payment_ttl
+        if self.admit_rate:
+            body["waiting_room"] = {"admit_rate": self.admit_rate}
         return body
 
     def note(self, outcome: str, message: str = "") -> dict[str, Any]:
         return records.sale_entry(sku=self.sku, scenario=self.scenario, outcome=outcome, ts=time.time(),
                                   stock=self.stock, per_user_limit=self.limit, shards=self.shards,
                                   starts_at_ms=self.starts_at_ms, payment_ttl=self.payment_ttl,
-                                  message=message)
+                                  message=message, admit_rate=self.admit_rate)
 
 
 def main_sale() -> SaleSpec:
@@ -397,7 +460,9 @@ def lifecycle_sales(now_s: float) -> dict[str, SaleSpec]:
                      starts_at_ms=lifecycle.starts_at_ms(now_s, CONFIG.early_lead))
     abandon = SaleSpec("abandon", "Abandoners", CONFIG.abandon_sku, CONFIG.abandon_stock, 1, CONFIG.shards,
                        CONFIG.price, payment_ttl=CONFIG.abandon_ttl)
-    return {"early": early, "abandon": abandon}
+    queue = SaleSpec("queue", "QueueCrowd", CONFIG.queue_sku, CONFIG.queue_stock, 1, CONFIG.shards, CONFIG.price,
+                     starts_at_ms=lifecycle.starts_at_ms(now_s, CONFIG.queue_lead), admit_rate=CONFIG.queue_rate)
+    return {"early": early, "abandon": abandon, "queue": queue}
 
 
 def sales_of(environment: Environment) -> dict[str, SaleSpec]:
@@ -453,7 +518,13 @@ def ensure_sale(host: str, create: bool) -> None:
 
 
 def _wanted(spec: SaleSpec) -> str:
+    if spec.admit_rate:
+        return "waiting_room"
     return "starts_at" if spec.starts_at_ms is not None else "payment_ttl"
+
+
+def _feature(spec: SaleSpec) -> str:
+    return {"waiting_room": "waiting rooms", "starts_at": "sale windows"}.get(_wanted(spec), "payment deadlines")
 
 
 def create_lifecycle_sale(host: str, spec: SaleSpec) -> None:
@@ -472,7 +543,7 @@ def create_lifecycle_sale(host: str, spec: SaleSpec) -> None:
         return
     if put.status_code == 400:
         spec.skip(f"the gateway answered 400 to {_wanted(spec)} ({answer.get('message', put.text[:160])}): "
-                  f"it does not support {'sale windows' if spec.starts_at_ms else 'payment deadlines'} yet")
+                  f"it does not support {_feature(spec)} yet")
         RECORDER.write(spec.note("unsupported", spec.skip_reason))
         return
     if put.status_code == 409:
@@ -498,8 +569,13 @@ def adopt_lifecycle_sale(host: str, spec: SaleSpec) -> None:
     spec.starts_at_ms = records.epoch_ms(sale.get("starts_at")) or spec.starts_at_ms
     ttl = sale.get("payment_ttl")
     spec.payment_ttl = int(ttl) if isinstance(ttl, int) and ttl > 0 else spec.payment_ttl
-    if spec.role == "early" and "starts_at" not in sale:
+    room = sale.get("waiting_room")
+    if isinstance(room, dict) and room.get("admit_rate"):
+        spec.admit_rate = float(room["admit_rate"])
+    if spec.role in ("early", "queue") and "starts_at" not in sale:
         spec.skip(f"sale {spec.sku} exists without starts_at")
+    elif spec.role == "queue" and not (isinstance(room, dict) and room.get("admit_rate")):
+        spec.skip(f"sale {spec.sku} exists without a waiting room")
     elif spec.role == "abandon" and "payment_ttl" not in sale:
         spec.skip(f"sale {spec.sku} exists without payment_ttl")
 
@@ -538,7 +614,7 @@ def _test_start(environment: Environment, **_kw: Any) -> None:
         ensure_sale(host, create=not worker)
         sales = {"main": main_sale(), **lifecycle_sales(time.time())}
         environment.lt_sales = sales  # type: ignore[attr-defined]
-        for spec in (sales["early"], sales["abandon"]):
+        for spec in (sales["early"], sales["abandon"], sales["queue"]):
             set_up_lifecycle_sale(environment, host, spec, worker)
     except (requests.RequestException, RuntimeError, KeyError, ValueError) as exc:
         log.error("cannot set up sale %s at %s: %s", CONFIG.sku, host, exc)
@@ -550,6 +626,9 @@ def _test_start(environment: Environment, **_kw: Any) -> None:
 def sale_sold_out(client: Any, name: str) -> bool:
     with client.get(f"/admin/sales/{CONFIG.sku}", headers=_admin_headers(), name=name,
                     catch_response=True) as resp:
+        if resp.status_code in (429, 503) and resp.headers.get("Retry-After"):
+            resp.success()  # overloaded, as the contract allows everywhere: not known yet
+            return False
         if resp.status_code != 200:
             resp.failure(f"{resp.status_code}: {(resp.text or '')[:120]}")
             return False
@@ -623,10 +702,12 @@ class Buyer(FastHttpUser):
     # the purchase and its contract checks
 
     def buy(self, user_id: int, key: str, quantity: int = 1, allowed: frozenset | None = None,
-            sale: SaleSpec | None = None, name: str | None = None) -> Answer | None:
+            sale: SaleSpec | None = None, name: str | None = None,
+            extra_headers: dict[str, str] | None = None) -> Answer | None:
         allowed = self.allowed if allowed is None else allowed
         sale = sale or self.sale
-        headers = {**self.identity(user_id), "X-Idempotency-Key": key, "Content-Type": "application/json"}
+        headers = {**self.identity(user_id), "X-Idempotency-Key": key, "Content-Type": "application/json",
+                   **(extra_headers or {})}
         with self.client.post(f"/api/seckill/{sale.sku}", data=json.dumps({"quantity": quantity}),
                               headers=headers, name=name or f"/api/seckill/[sku] {self.scenario}",
                               catch_response=True) as resp:
@@ -1076,3 +1157,192 @@ class Abandoners(Idler):
                 resp.success()  # the deadline passed first
             else:
                 resp.failure(f"cancel answered {resp.status_code} {code} ({data.get('state')})")
+
+
+RECENT_PASSES: list[tuple[int, str]] = []  # (user, pass) of recent admissions in this process
+STATS_EVERY = 0.5  # seconds between two reads of the room's counts at the admin API
+
+
+class RoomWatch:
+    """One greenlet per process reading ``GET /admin/sales/{sku}``'s waiting-room counts
+    while this process's crowds are in the room: the gateway's own count of admissions
+    for the verifier and the picture (``queue_stats`` lines)."""
+
+    crowds = 0
+    started = False
+    silent = False  # the gateway gives no counts: stop asking
+
+
+
+
+class QueueCrowd(Idler):
+    """A crowd in a sale's waiting room: joins before (and some after) the start, polls
+    when told, buys with its pass once admitted; a few try without one."""
+
+    fixed_count = 10
+    concurrency = 64  # connections per Locust user: its buyers share them
+    scenario = "QueueCrowd"
+    role = "queue"
+    allowed = frozenset({OK, SOLD_OUT, ALREADY})  # a purchase with the buyer's own pass
+    refused = frozenset({PASS_REQUIRED, SOLD_OUT, SALE_ENDED, NOT_STARTED})  # without one
+
+    def on_start(self) -> None:
+        self.done = False
+
+    @task
+    def crowd(self) -> None:
+        if self.done or not self.sale.active or self.sale.starts_at_ms is None:
+            self.idle()
+            return
+        users = max(1, QueueCrowd.fixed_count)
+        early = queueclient.share(CONFIG.queue_crowd, users)
+        late = queueclient.share(CONFIG.queue_late, users)
+        plan = [False] * early + [True] * late
+        RoomWatch.crowds += 1
+        if not RoomWatch.started and CONFIG.admin_token:
+            RoomWatch.started = True
+            gevent.spawn(self.watch_room)
+        try:
+            pool = gevent.pool.Pool(max(1, len(plan)))
+            pool.map(lambda is_late: self.one_buyer(is_late, random.random() < CONFIG.queue_sneak), plan)
+        finally:
+            RoomWatch.crowds -= 1
+        self.done = True
+
+    def watch_room(self) -> None:
+        sku = self.sale.sku
+        while RoomWatch.crowds > 0 and not RoomWatch.silent:
+            t0 = time.time()
+            with self.client.get(f"/admin/sales/{sku}", headers=_admin_headers(), catch_response=True,
+                                 name="/admin/sales/[sku] QueueCrowd counts") as resp:
+                ts = time.time()
+                room = lifecycle.json_or_empty(resp.text).get("waiting_room")
+                if resp.status_code == 200 and isinstance(room, dict):
+                    resp.success()
+                    if queueclient.integer(room.get("admitted")) is None:
+                        log.warning("GET /admin/sales/%s gives no waiting-room counts (%s): the run records "
+                                    "the clients' view only", sku, json.dumps(room)[:120])
+                        RoomWatch.silent = True
+                    else:
+                        sold_out = room.get("sold_out")
+                        RECORDER.write(records.queue_stats_entry(
+                            sku=sku, t0=t0, ts=ts, admitted=queueclient.integer(room.get("admitted")),
+                            joined=queueclient.integer(room.get("joined")),
+                            units_left=queueclient.integer(room.get("units_left")),
+                            sold_out=sold_out if isinstance(sold_out, bool) else None,
+                            server_s=records.http_date_s((resp.headers or {}).get("Date"))))
+                elif resp.status_code in (429, 503):
+                    resp.success()  # overloaded: ask again
+                else:
+                    resp.failure(f"{resp.status_code}: {(resp.text or '')[:120]}")
+            gevent.sleep(STATS_EVERY)
+
+    # one buyer's way through the room
+
+    def one_buyer(self, late: bool, sneaky: bool) -> None:
+        starts = (self.sale.starts_at_ms or 0) / 1000
+        if late:
+            gevent.sleep(max(0.0, starts - time.time()) + random.uniform(0.3, max(0.4, CONFIG.queue_late_window)))
+        else:
+            gevent.sleep(random.uniform(0, max(0.2, starts - time.time() - 5.0)))  # all in well before the start
+        user_id = random.randrange(1 << 40, 1 << 62)  # one place per buyer: ids never drawn twice
+        ticket: str | None = None
+        last_position: int | None = None
+        sneaked = False
+        deadline = time.monotonic() + MAX_QUEUE_WAIT
+        while time.monotonic() < deadline:
+            reply = self.queue_call(user_id, ticket, last_position)
+            if reply is None:
+                return
+            if reply.pair in OVERLOAD:
+                gevent.sleep(lifecycle.poll_delay(reply.retry_after))
+                continue
+            if reply.pair == ADMITTED:
+                self.admitted_buyer(user_id, ticket, str(reply.body.get("pass") or ""), sneaky)
+                return
+            if reply.pair != QUEUED:
+                return  # 410: sold out or over (or a failure already counted)
+            ticket = str(reply.body["ticket"])
+            last_position = reply.body.get("position", last_position)
+            if sneaky and not sneaked and time.time() > starts + 0.5:
+                sneaked = True
+                self.try_without_pass(user_id, ticket)
+            told = reply.retry_after if reply.retry_after is not None else 1.0
+            gevent.sleep(max(told, CONFIG.queue_poll_min) * random.uniform(1.0, 1.1))
+        self.check_failed("QueueCrowd wait", f"user {user_id} still queued after {MAX_QUEUE_WAIT:.0f} s")
+
+    def admitted_buyer(self, user_id: int, ticket: str | None, pass_: str, sneaky: bool) -> None:
+        if sneaky:
+            others = [p for u, p in RECENT_PASSES[-50:] if u != user_id]
+            if others:
+                self.attempt(user_id, ticket, random.choice(others), records.PASS_OTHER)
+        RECENT_PASSES.append((user_id, pass_))
+        del RECENT_PASSES[:-200]
+        self.attempt(user_id, ticket, pass_, records.PASS_OWN)
+        if sneaky and ticket is not None:  # once more: still admitted (or over), never back in line
+            self.queue_call(user_id, ticket, None, allowed={ADMITTED, SOLD_OUT, SALE_ENDED})
+
+    def try_without_pass(self, user_id: int, ticket: str) -> None:
+        self.attempt(user_id, ticket, None, records.PASS_NONE)
+        self.attempt(user_id, ticket, f"{int(time.time()) + 60:x}.{uuid.uuid4().hex[:22]}", records.PASS_FORGED)
+
+    def attempt(self, user_id: int, ticket: str | None, pass_: str | None, kind: str) -> None:
+        """A purchase carrying ``pass_`` (``kind`` says whose); recorded with its answer."""
+        own = kind == records.PASS_OWN
+        for _ in range(5):
+            key = self.new_key(user_id)
+            if key is None:
+                return
+            t0 = time.time()
+            answer = self.buy(user_id, key, allowed=self.allowed if own else self.refused,
+                              name=f"/api/seckill/[sku] QueueCrowd pass {kind}",
+                              extra_headers={"X-Queue-Pass": pass_} if pass_ else None)
+            if answer is None:
+                return
+            RECORDER.write(records.queue_buy_entry(
+                sku=self.sale.sku, user_id=user_id, pass_kind=kind, status=answer.status, code=answer.code,
+                ts=time.time(), t0=t0, ticket=ticket, order_no=answer.body.get("order_no"),
+                scenario=self.scenario))
+            if (answer.status, answer.code) not in OVERLOAD:
+                return
+            gevent.sleep(lifecycle.poll_delay(answer.retry_after))
+
+    def queue_call(self, user_id: int, ticket: str | None, last_position: int | None,
+                   allowed: set[tuple[int, str]] | None = None) -> queueclient.QueueReply | None:
+        """Join (no ticket yet) or poll; checks the answer against the contract and
+        records it."""
+        sku = self.sale.sku
+        step = records.JOIN if ticket is None else records.POLL
+        path = f"/api/queue/{sku}" if ticket is None else f"/api/queue/{sku}/{ticket}"
+        name = "/api/queue/[sku] join" if ticket is None else "/api/queue/[sku]/[ticket] poll"
+        call = self.client.post if ticket is None else self.client.get
+        t0 = time.time()
+        with call(path, headers=self.identity(user_id), name=name, catch_response=True) as resp:
+            ts = time.time()
+            status = resp.status_code
+            if not status:
+                resp.failure(f"no answer: {getattr(resp, 'error', None)!r}")
+                return None
+            try:
+                body = resp.json()
+                code = str(body["code"])
+            except (ValueError, TypeError, KeyError):
+                resp.failure(f"{status}: not JSON with a code: {(resp.text or '')[:120]!r}")
+                OUTCOMES[(f"{self.scenario} {step}", sku, status, "-")] += 1
+                return None
+            OUTCOMES[(f"{self.scenario} {step}", sku, status, code)] += 1
+            headers = resp.headers or {}
+            reply = queueclient.QueueReply(status, code, body, lifecycle.retry_after(headers.get("Retry-After")))
+            position = body.get("position")
+            RECORDER.write(records.queue_entry(
+                sku=sku, user_id=user_id, step=step, status=status, code=code, t0=t0, ts=ts,
+                ticket=body.get("ticket") or ticket, position=position if isinstance(position, int) else None,
+                eta_s=queueclient.number(body.get("eta_s")), units_left=queueclient.integer(body.get("units_left")),
+                retry_after=reply.retry_after, pass_=body.get("pass"),
+                server_s=records.http_date_s(headers.get("Date")), scenario=self.scenario))
+            problem = queueclient.queue_problem(reply, headers, ticket, last_position, allowed)
+            if problem:
+                resp.failure(problem)
+            else:
+                resp.success()
+            return reply

@@ -17,7 +17,21 @@ existed) and ``ts``, the client's clock in unix seconds when it got the answer:
 ``sale``      the run created a sale, found it, or could not create it: ``sku``,
               ``scenario``, ``outcome`` (``created``, ``exists``, ``unsupported``,
               ``failed``), ``stock``, ``per_user_limit``, ``shards``, ``starts_at_ms``,
-              ``payment_ttl``, ``message``.
+              ``payment_ttl``, ``admit_rate`` (its waiting room's, or null), ``message``.
+``queue``     one answer of the waiting room (``POST /api/queue/{sku}``: ``step`` ``join``;
+              ``GET /api/queue/{sku}/{ticket}``: ``step`` ``poll``): ``sku``, ``user_id``,
+              ``status``, ``code``, ``ticket``, ``position``, ``eta_s``, ``units_left``,
+              ``retry_after``, ``pass`` (an ``ADMITTED`` answer's), ``t0`` (the client's
+              clock when it sent the request; ``ts`` is when the answer came),
+              ``server_s`` (the answer's ``Date`` header, whole unix seconds, or null),
+              ``scenario``.
+``queue_buy`` a purchase on a waiting-room sale: ``sku``, ``user_id``, ``ticket``,
+              ``pass_kind`` (``own``: the pass this user was admitted with; ``none``: no
+              ``X-Queue-Pass``; ``forged``: a made-up one; ``other``: another user's),
+              ``status``, ``code``, ``order_no``, ``t0``, ``scenario``.
+``queue_stats`` the waiting room's counts as ``GET /admin/sales/{sku}`` gave them
+              (``waiting_room``): ``sku``, ``admitted``, ``joined``, ``units_left``,
+              ``sold_out`` (each null when not given), ``t0``, ``server_s``.
 
 Nothing here does I/O but :func:`read_record` (and the writer's caller): the parsing is
 pure so that it is tested without Locust.
@@ -28,6 +42,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from email.utils import parsedate_to_datetime
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +52,14 @@ ADMITTED = "admitted"
 PAYMENT = "payment"
 CANCEL = "cancel"
 SALE = "sale"
+QUEUE = "queue"
+QUEUE_BUY = "queue_buy"
+QUEUE_STATS = "queue_stats"
+
+# Queue answers' steps, and the passes a purchase on a waiting-room sale may carry.
+JOIN, POLL = "join", "poll"
+PASS_OWN, PASS_NONE, PASS_FORGED, PASS_OTHER = "own", "none", "forged", "other"
+PASS_KINDS = (PASS_OWN, PASS_NONE, PASS_FORGED, PASS_OTHER)
 
 #: Sale outcomes after which the sale exists and its invariants can be checked.
 SALE_USABLE = ("created", "exists")
@@ -102,10 +125,82 @@ class SaleNote:
     payment_ttl: int | None = None
     message: str = ""
     ts: float | None = None
+    admit_rate: float | None = None
 
     @property
     def usable(self) -> bool:
         return self.outcome in SALE_USABLE
+
+
+@dataclass(frozen=True, slots=True)
+class QueueAnswer:
+    """One answer of the waiting room to one user: a join or a poll. ``t0`` and ``ts``
+    are the client's clock when the request left and when the answer came (the
+    gateway's moment lies between them); ``server_s`` the answer's ``Date`` (the
+    gateway's clock, whole seconds: its moment lies in ``[server_s, server_s + 1)``)."""
+
+    line: int
+    sku: str
+    user_id: int
+    step: str
+    status: int
+    code: str
+    ts: float
+    t0: float
+    ticket: str | None = None
+    position: int | None = None
+    eta_s: float | None = None
+    units_left: int | None = None
+    retry_after: float | None = None
+    pass_: str | None = None
+    server_s: int | None = None
+    scenario: str = ""
+
+    @property
+    def admitted(self) -> bool:
+        return self.status == 200 and self.code == "ADMITTED"
+
+    @property
+    def queued(self) -> bool:
+        return self.status == 202 and self.code == "QUEUED"
+
+    @property
+    def gone(self) -> bool:
+        """The sale is over for this ticket (410 SOLD_OUT or SALE_ENDED)."""
+        return self.status == 410
+
+
+@dataclass(frozen=True, slots=True)
+class QueueBuy:
+    """A purchase sent on a waiting-room sale, with the pass it carried (``pass_kind``)."""
+
+    line: int
+    sku: str
+    user_id: int
+    pass_kind: str
+    status: int
+    code: str
+    ts: float
+    t0: float | None = None
+    ticket: str | None = None
+    order_no: str | None = None
+    scenario: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class QueueStats:
+    """A sale's waiting-room counts as the gateway reported them, between ``t0`` and
+    ``ts`` (the client's clock)."""
+
+    line: int
+    sku: str
+    ts: float
+    t0: float
+    admitted: int | None = None
+    joined: int | None = None
+    units_left: int | None = None
+    sold_out: bool | None = None
+    server_s: int | None = None
 
 
 @dataclass(slots=True)
@@ -116,6 +211,9 @@ class Record:
     payments: list[PaymentCall] = field(default_factory=list)
     cancels: list[CancelCall] = field(default_factory=list)
     sales: list[SaleNote] = field(default_factory=list)
+    queue: list[QueueAnswer] = field(default_factory=list)
+    queue_buys: list[QueueBuy] = field(default_factory=list)
+    queue_stats: list[QueueStats] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)  # malformed lines, as messages
 
     def admissions_for(self, sku: str) -> list[Admission]:
@@ -126,6 +224,15 @@ class Record:
 
     def cancels_for(self, sku: str) -> list[CancelCall]:
         return [c for c in self.cancels if c.sku in (None, sku)]
+
+    def queue_for(self, sku: str) -> list[QueueAnswer]:
+        return [q for q in self.queue if q.sku == sku]
+
+    def queue_buys_for(self, sku: str) -> list[QueueBuy]:
+        return [b for b in self.queue_buys if b.sku == sku]
+
+    def queue_stats_for(self, sku: str) -> list[QueueStats]:
+        return [q for q in self.queue_stats if q.sku == sku]
 
     def sale(self, sku: str) -> SaleNote | None:
         """The last note about ``sku`` (a run notes each sale once)."""
@@ -164,10 +271,38 @@ def cancel_entry(*, sku: str, order_no: str, status: int, code: str, scenario: s
 def sale_entry(*, sku: str, scenario: str, outcome: str, ts: float, stock: int | None = None,
                per_user_limit: int | None = None, shards: int | None = None,
                starts_at_ms: int | None = None, payment_ttl: int | None = None,
-               message: str = "") -> dict[str, Any]:
-    return {"event": SALE, "ts": round(ts, 3), "sku": sku, "scenario": scenario, "outcome": outcome,
-            "stock": stock, "per_user_limit": per_user_limit, "shards": shards,
-            "starts_at_ms": starts_at_ms, "payment_ttl": payment_ttl, "message": message}
+               message: str = "", admit_rate: float | None = None) -> dict[str, Any]:
+    entry = {"event": SALE, "ts": round(ts, 3), "sku": sku, "scenario": scenario, "outcome": outcome,
+             "stock": stock, "per_user_limit": per_user_limit, "shards": shards,
+             "starts_at_ms": starts_at_ms, "payment_ttl": payment_ttl, "message": message}
+    if admit_rate is not None:
+        entry["admit_rate"] = admit_rate
+    return entry
+
+
+def queue_entry(*, sku: str, user_id: int, step: str, status: int, code: str, t0: float, ts: float,
+                ticket: str | None = None, position: int | None = None, eta_s: float | None = None,
+                units_left: int | None = None, retry_after: float | None = None, pass_: str | None = None,
+                server_s: int | None = None, scenario: str = "") -> dict[str, Any]:
+    return {"event": QUEUE, "ts": round(ts, 4), "t0": round(t0, 4), "sku": sku, "user_id": user_id,
+            "step": step, "status": status, "code": code, "ticket": ticket, "position": position,
+            "eta_s": eta_s, "units_left": units_left, "retry_after": retry_after, "pass": pass_,
+            "server_s": server_s, "scenario": scenario}
+
+
+def queue_buy_entry(*, sku: str, user_id: int, pass_kind: str, status: int, code: str, ts: float,
+                    t0: float | None = None, ticket: str | None = None, order_no: str | None = None,
+                    scenario: str = "") -> dict[str, Any]:
+    return {"event": QUEUE_BUY, "ts": round(ts, 4), "t0": None if t0 is None else round(t0, 4), "sku": sku,
+            "user_id": user_id, "ticket": ticket, "pass_kind": pass_kind, "status": status, "code": code,
+            "order_no": order_no, "scenario": scenario}
+
+
+def queue_stats_entry(*, sku: str, t0: float, ts: float, admitted: int | None, joined: int | None = None,
+                      units_left: int | None = None, sold_out: bool | None = None,
+                      server_s: int | None = None) -> dict[str, Any]:
+    return {"event": QUEUE_STATS, "ts": round(ts, 4), "t0": round(t0, 4), "sku": sku, "admitted": admitted,
+            "joined": joined, "units_left": units_left, "sold_out": sold_out, "server_s": server_s}
 
 
 # -- reading -------------------------------------------------------------------------------
@@ -217,7 +352,43 @@ def _sale(number: int, data: dict[str, Any]) -> SaleNote:
         outcome=str(data["outcome"]), stock=_opt_int(data, "stock"),
         per_user_limit=_opt_int(data, "per_user_limit"), shards=_opt_int(data, "shards"),
         starts_at_ms=_opt_int(data, "starts_at_ms"), payment_ttl=_opt_int(data, "payment_ttl"),
-        message=str(data.get("message") or ""), ts=_opt_float(data, "ts"))
+        message=str(data.get("message") or ""), ts=_opt_float(data, "ts"),
+        admit_rate=_opt_float(data, "admit_rate"))
+
+
+def _queue(number: int, data: dict[str, Any]) -> QueueAnswer:
+    step = str(data["step"])
+    if step not in (JOIN, POLL):
+        raise ValueError(f"unknown queue step {step!r}")
+    ts = float(data["ts"])
+    return QueueAnswer(
+        line=number, sku=str(data["sku"]), user_id=int(data["user_id"]), step=step,
+        status=int(data["status"]), code=str(data.get("code") or ""), ts=ts,
+        t0=float(data["t0"]) if data.get("t0") is not None else ts,
+        ticket=_opt_str(data, "ticket"), position=_opt_int(data, "position"), eta_s=_opt_float(data, "eta_s"),
+        units_left=_opt_int(data, "units_left"), retry_after=_opt_float(data, "retry_after"),
+        pass_=_opt_str(data, "pass"), server_s=_opt_int(data, "server_s"),
+        scenario=str(data.get("scenario", "")))
+
+
+def _queue_buy(number: int, data: dict[str, Any]) -> QueueBuy:
+    kind = str(data["pass_kind"])
+    if kind not in PASS_KINDS:
+        raise ValueError(f"unknown pass_kind {kind!r}")
+    return QueueBuy(
+        line=number, sku=str(data["sku"]), user_id=int(data["user_id"]), pass_kind=kind,
+        status=int(data["status"]), code=str(data.get("code") or ""), ts=float(data["ts"]),
+        t0=_opt_float(data, "t0"), ticket=_opt_str(data, "ticket"), order_no=_opt_str(data, "order_no"),
+        scenario=str(data.get("scenario", "")))
+
+
+def _queue_stats(number: int, data: dict[str, Any]) -> QueueStats:
+    sold_out = data.get("sold_out")
+    return QueueStats(
+        line=number, sku=str(data["sku"]), ts=float(data["ts"]), t0=float(data.get("t0", data["ts"])),
+        admitted=_opt_int(data, "admitted"), joined=_opt_int(data, "joined"),
+        units_left=_opt_int(data, "units_left"), sold_out=None if sold_out is None else bool(sold_out),
+        server_s=_opt_int(data, "server_s"))
 
 
 def parse_line(number: int, raw: bytes, into: Record) -> None:
@@ -237,6 +408,12 @@ def parse_line(number: int, raw: bytes, into: Record) -> None:
             into.cancels.append(_cancel(number, data))
         elif event == SALE:
             into.sales.append(_sale(number, data))
+        elif event == QUEUE:
+            into.queue.append(_queue(number, data))
+        elif event == QUEUE_BUY:
+            into.queue_buys.append(_queue_buy(number, data))
+        elif event == QUEUE_STATS:
+            into.queue_stats.append(_queue_stats(number, data))
         else:
             raise ValueError(f"unknown event {event!r}")
     except (orjson.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
@@ -285,3 +462,17 @@ def epoch_ms(value: Any) -> int | None:
 def rfc3339(ms: int) -> str:
     """Epoch milliseconds as RFC 3339 UTC with whole seconds (``…T12:00:00Z``)."""
     return datetime.fromtimestamp(ms / 1000, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def http_date_s(value: str | None) -> int | None:
+    """An HTTP ``Date`` header (``Mon, 30 Nov 2026 06:00:00 GMT``) as whole unix seconds;
+    None when absent or unreadable."""
+    if not value:
+        return None
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return int(when.timestamp())

@@ -12,9 +12,11 @@ gateway, the gateway's relay delivers to the orders service. Every child process
 through ``devtools.processes.ChildProcess``. Then Locust runs headless for
 ``--run-time`` (HTML report, CSV stats, the record file and the outcome table in
 ``loadtest/reports/``), then ``loadtest.verify`` checks the invariants of every sale the
-scenarios set up (the main sale, EarlyCrowd's, Abandoners'), then ``loadtest.timeline``
-draws units sold, released and sold again (``reports/timeline.png``). Everything it
-started is stopped at the end, also on Ctrl-C or SIGTERM.
+scenarios set up (the main sale, EarlyCrowd's, Abandoners', QueueCrowd's with its
+waiting room), then ``loadtest.timeline`` draws units sold, released and sold again
+(``reports/timeline.png``) and ``loadtest.queue_picture`` the waiting room
+(``reports/waiting-room.png``; ``--queue-picture PATH`` writes it there too).
+Everything it started is stopped at the end, also on Ctrl-C or SIGTERM.
 
 With ``--host URL`` nothing is started: Locust runs against ``URL`` (the admin token
 comes from ``SECKILL_ADMIN_TOKEN``; Abandoners needs ``SECKILL_LT_ORDERS_URL``,
@@ -43,12 +45,14 @@ from pathlib import Path
 from devtools.processes import ChildProcess, NotReady, free_port, http_answers
 from devtools.redis_cluster import ClusterNotReady, LocalCluster
 from devtools.redis_server import LocalRedis
-from loadtest import records, timeline, verify
+from loadtest import queue_picture, records, timeline, verify
 
 LOADTEST_DIR = Path(__file__).resolve().parent
 REPO = LOADTEST_DIR.parent
 PYTHON = sys.executable
-SCENARIOS = ("FlashCrowd", "RetryStorm", "GreedyUser", "SkewedCrowd", "LateCrowd", "EarlyCrowd", "Abandoners")
+SCENARIOS = ("FlashCrowd", "RetryStorm", "GreedyUser", "SkewedCrowd", "LateCrowd", "EarlyCrowd", "Abandoners",
+             "QueueCrowd")
+QUEUE_OPTIONS = ("crowd", "late", "stock", "rate", "users", "lead")  # --queue-X -> the locustfile's --lt-queue-X
 STARTUP_TIMEOUT = 30.0
 
 
@@ -156,6 +160,10 @@ def locust_argv(args: argparse.Namespace, host: str, sku: str, record: Path, rep
             "--lt-shards", str(args.shards), "--lt-record", str(record)]
     if args.processes != 1:
         argv += ["--processes", str(args.processes)]
+    for name in QUEUE_OPTIONS:
+        value = getattr(args, f"queue_{name}", None)
+        if value is not None:
+            argv += [f"--lt-queue-{name}", str(value)]
     return argv + list(args.locust_args) + list(args.classes)
 
 
@@ -192,14 +200,15 @@ def sold_out_seen(outcomes: Path, sku: str, main: bool) -> bool:
 def plan_checks(record: records.Record, sku: str, outcomes: Path, choice: str) -> list[SaleCheck]:
     """The sales to verify: the main one always, the lifecycle ones the run set up.
     ``--expect-sold-out`` (auto: a SOLD_OUT was answered) rules the main sale;
-    EarlyCrowd's sale must sell out once it said SOLD_OUT; Abandoners' never must
+    EarlyCrowd's and QueueCrowd's sales must sell out once they said SOLD_OUT (to a
+    purchase or in the waiting room); Abandoners' never must
     (units come back after the buyers stopped)."""
     main = SaleCheck(sku, "main", sold_out_seen(outcomes, sku, True) if choice == "auto" else choice == "yes")
     checks = [main]
     for note in record.sales:
         if note.sku == sku or not note.usable or note.sku in {c.sku for c in checks}:
             continue
-        sold_out = note.scenario == "EarlyCrowd" and sold_out_seen(outcomes, note.sku, False)
+        sold_out = note.scenario in ("EarlyCrowd", "QueueCrowd") and sold_out_seen(outcomes, note.sku, False)
         checks.append(SaleCheck(note.sku, note.scenario, sold_out))
     return checks
 
@@ -223,13 +232,24 @@ def verify_sales(checks: Sequence[SaleCheck], target: Target, record_path: Path,
     return results
 
 
-def draw(record_path: Path, database_url: str | None, reports: Path) -> None:
+def draw(record_path: Path, database_url: str | None, reports: Path, queue_copy: Path | None = None) -> None:
     try:
         path = timeline.draw_run(record_path, database_url, reports / "timeline.png")
+        log(f"timeline: {path}" if path else "timeline: nothing was sold, nothing to draw")
     except Exception as exc:  # the picture is a view of the run, not its verdict
         log(f"could not draw the timeline: {type(exc).__name__}: {exc}")
-        return
-    log(f"timeline: {path}" if path else "timeline: nothing was sold, nothing to draw")
+    for out in (reports / "waiting-room.png", queue_copy):
+        if out is None:
+            continue
+        try:
+            path = queue_picture.draw_run(record_path, out)
+        except Exception as exc:
+            log(f"could not draw the waiting room: {type(exc).__name__}: {exc}")
+            return
+        if path is None:
+            log("waiting room: no queue answers, nothing to draw")
+            return
+        log(f"waiting room: {path}")
 
 
 def verdict(results: dict[str, int], locust_rc: int) -> int:
@@ -268,6 +288,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="verifier --expect-sold-out for the main sale [auto: if any SOLD_OUT was answered]")
     p.add_argument("--no-verify", action="store_true", help="skip the verifier")
     p.add_argument("--reports", default=str(LOADTEST_DIR / "reports"), help="output directory")
+    q = p.add_argument_group("QueueCrowd (the locustfile's --lt-queue-* options; unset: its defaults)")
+    q.add_argument("--queue-crowd", type=int, help="buyers who join before the start [1800]")
+    q.add_argument("--queue-late", type=int, help="buyers who join after the start [400]")
+    q.add_argument("--queue-stock", type=int, help="its sale's stock [2000]")
+    q.add_argument("--queue-rate", type=float, help="its admit_rate, per second [200]")
+    q.add_argument("--queue-users", type=int, help="Locust users the crowd is shared among [10]")
+    q.add_argument("--queue-lead", type=float, help="seconds from the test's start to starts_at [12]")
+    q.add_argument("--queue-picture", type=Path, help="also draw the waiting room's picture here")
     return p
 
 
@@ -306,7 +334,7 @@ def run(args: argparse.Namespace, stack: ExitStack) -> int:
     if not args.no_verify:
         checks = plan_checks(record, sku, reports / "outcomes.json", args.expect_sold_out)
         results = verify_sales(checks, target, record_path, args.wait_delivery)
-    draw(record_path, target.database_url, reports)
+    draw(record_path, target.database_url, reports, args.queue_picture)
     return verdict(results, locust_rc)
 
 

@@ -71,6 +71,19 @@ The contract's invariants, and how each is checked (``Violation.kind`` in bracke
    active orders is reported there.
 8. A key admits at most one purchase across all sales: in the record file no (user, key)
    has orders in two SKUs [``key_two_sales``].
+9. Waiting room (a sale with ``admit_rate``, from the record's ``sale`` line or the stored
+   sale): from the record's ``queue`` and ``queue_buy`` lines, no purchase admitted
+   without the buyer's own pass, and (a sale the run created) no order of a user the
+   room never admitted [``purchase_without_pass``, ``order_without_admission``]; at
+   most R admissions per second plus one second's burst [``admission_rate_exceeded``];
+   first in, first out for who joined after the start, shuffled who joined before it,
+   nobody let through before it [``admitted_out_of_order``, ``not_shuffled``,
+   ``queue_admitted_before_start``]; positions never grow [``position_grew``]; one
+   user, one place [``two_tickets``, ``ticket_shared``, ``pass_shared``,
+   ``admitted_twice``]; after a first 410 nobody is told to wait on, unless units came
+   back [``queued_after_sold_out``]. How each is measured: ``loadtest/waitingroom.py``. The table
+   adds the room's figures: joined, admitted, bought, admissions per second, wait
+   percentiles, Spearman rho of join against admission order.
 
 Exit status: 0 clean, 1 violations (listed), 2 could not verify (no such sale, Redis or
 DB unreachable, no orders DB where one was expected).
@@ -97,7 +110,7 @@ from gateway.models import Order, Sale, Transfer
 from gateway.store.connection import connect
 from gateway.store.keys import KeySpace, shard_of_order
 from gateway.store.store import Store
-from loadtest import records
+from loadtest import records, waitingroom
 from loadtest.ordersdb import (
     PAID_STATES,
     DbMissing,
@@ -106,7 +119,17 @@ from loadtest.ordersdb import (
     read_db,
     sqlite_path,
 )
-from loadtest.records import Admission, CancelCall, PaymentCall, Record, SaleNote
+from loadtest.records import (
+    Admission,
+    CancelCall,
+    PaymentCall,
+    QueueAnswer,
+    QueueBuy,
+    QueueStats,
+    Record,
+    SaleNote,
+)
+from loadtest.waitingroom import DEFAULT_TOLERANCE, Tolerance
 
 __all__ = ["ACTIVE", "RETURNED", "AdmittedRecord", "DbOrder", "DbSnapshot", "Snapshot", "Violation",
            "check", "collect", "collect_stable", "delivery_pending", "main", "render", "sqlite_path",
@@ -129,6 +152,7 @@ INVARIANTS = {
     5: "every 200 is an order (in Redis and the DB)",
     7: "a unit in at most one live order; released units come back once; paid orders stay paid",
     8: "a key admits at most one purchase across all sales",
+    9: "waiting room: admission order and rate, no purchase without a pass",
 }
 
 AdmittedRecord = Admission  # the name earlier versions exported
@@ -161,16 +185,20 @@ class SaleWindow:
 
     starts_at_ms: int | None = None
     payment_ttl: int | None = None
+    admit_rate: float | None = None  # the waiting room's; None: the sale has none
 
     @classmethod
     def of(cls, note: SaleNote | None, stored: Mapping[str, Any]) -> SaleWindow:
         starts = note.starts_at_ms if note is not None else None
         ttl = note.payment_ttl if note is not None else None
+        rate = note.admit_rate if note is not None else None
         if starts is None:
             starts = records.epoch_ms(stored.get("starts_at_ms", stored.get("starts_at")))
         if ttl is None and isinstance(stored.get("payment_ttl"), int):
             ttl = int(stored["payment_ttl"])
-        return cls(starts, ttl or None)
+        if rate is None and isinstance(stored.get("admit_rate"), int | float):
+            rate = float(stored["admit_rate"])
+        return cls(starts, ttl or None, rate or None)
 
 
 @dataclass(slots=True)
@@ -189,6 +217,10 @@ class Snapshot:
     every_admission: list[Admission] = field(default_factory=list)  # every SKU's (invariant 8)
     payments: list[PaymentCall] = field(default_factory=list)
     cancels: list[CancelCall] = field(default_factory=list)
+    queue: list[QueueAnswer] = field(default_factory=list)  # the waiting room's answers (this SKU)
+    queue_buys: list[QueueBuy] = field(default_factory=list)
+    queue_stats: list[QueueStats] = field(default_factory=list)
+    created_by_run: bool = False  # the record says the run created the sale: every buyer is in it
     looked_up: dict[str, Order | None] = field(default_factory=dict)  # admitted orders not indexed
     db: DbSnapshot | None = None
     db_problem: str | None = None  # a DB was expected and could not be read
@@ -256,7 +288,7 @@ async def read_sale_record(store: Store, sku: str) -> dict[str, Any]:
     sale, state = found
     return {"state": state, "stock": sale.stock, "shards": sale.shards,
             "starts_at_ms": sale.starts_at or None, "ends_at_ms": sale.ends_at or None,
-            "payment_ttl": sale.payment_ttl}
+            "payment_ttl": sale.payment_ttl, "admit_rate": getattr(sale, "admit_rate", 0) or None}
 
 
 async def read_redis(store: Store, sku: str) -> Snapshot:
@@ -330,6 +362,11 @@ def _take_record(snap: Snapshot, record: Record) -> None:
     snap.payments = record.payments_for(sku)
     snap.cancels = record.cancels_for(sku)
     snap.window = SaleWindow.of(record.sale(sku), snap.sale_record)
+    snap.queue = record.queue_for(sku)
+    snap.queue_buys = record.queue_buys_for(sku)
+    snap.queue_stats = record.queue_stats_for(sku)
+    note = record.sale(sku)
+    snap.created_by_run = note is not None and note.outcome == "created"
 
 
 async def collect(store: Store, sku: str, *, admitted: str | Path | None = None,
@@ -895,7 +932,27 @@ def check_lifecycle(snap: Snapshot, acc: Accounting) -> list[Violation]:
     return out
 
 
-def check(snap: Snapshot, *, expect_sold_out: bool = False) -> list[Violation]:
+def queue_analysis(snap: Snapshot) -> waitingroom.Analysis | None:
+    """The sale's waiting room as its clients saw it; None for a sale without one."""
+    if not snap.window.admit_rate:
+        return None
+    return waitingroom.analyse(snap.sku, snap.window.admit_rate, snap.window.starts_at_ms, snap.queue,
+                               snap.queue_buys, snap.queue_stats)
+
+
+def check_waiting_room(snap: Snapshot, tolerance: Tolerance = DEFAULT_TOLERANCE) -> list[Violation]:
+    """Invariant 9, from the record's queue answers and purchases (``loadtest.waitingroom``)."""
+    room = queue_analysis(snap)
+    if room is None:
+        return []
+    orders = [(o.order_no, o.user_id) for o in snap.orders.values()]
+    came_back = any(o.status in RETURNED for o in snap.orders.values())
+    return [Violation(f.kind, 9, f.message)
+            for f in waitingroom.check(room, tolerance, orders=orders, complete=snap.created_by_run,
+                                       units_came_back=came_back)]
+
+
+def check(snap: Snapshot, *, expect_sold_out: bool = False, queue: Tolerance = DEFAULT_TOLERANCE) -> list[Violation]:
     """Every invariant of the contract, as violations (empty: all kept)."""
     if snap.sale is None:
         return [Violation("sale_missing", 0, f"no sale {snap.sku} in Redis")]
@@ -913,6 +970,7 @@ def check(snap: Snapshot, *, expect_sold_out: bool = False) -> list[Violation]:
     elif snap.db_problem is not None:
         out.append(Violation("db_unreadable", 5, f"the orders DB could not be read: {snap.db_problem}"))
     out += check_lifecycle(snap, acc)
+    out += check_waiting_room(snap, queue)
     return out
 
 
@@ -925,7 +983,7 @@ def _resold(snap: Snapshot) -> int:
     return len(sold) - len(set(sold))
 
 
-def summary(snap: Snapshot) -> dict[str, Any]:
+def summary(snap: Snapshot, queue: Tolerance = DEFAULT_TOLERANCE) -> dict[str, Any]:
     if snap.sale is None:
         return {"sku": snap.sku, "sale": None}
     acc = account(snap)
@@ -958,6 +1016,9 @@ def summary(snap: Snapshot) -> dict[str, Any]:
         out["balance"] = asdict(balance(snap, acc, snap.db))
     elif snap.db_problem is not None:
         out["db_problem"] = snap.db_problem
+    room = queue_analysis(snap)
+    if room is not None:
+        out["waiting_room"] = waitingroom.report(room, queue)
     return out
 
 
@@ -978,8 +1039,8 @@ def _db_lines(s: dict[str, Any]) -> list[str]:
     return lines
 
 
-def render(snap: Snapshot, violations: Sequence[Violation]) -> str:
-    s = summary(snap)
+def render(snap: Snapshot, violations: Sequence[Violation], queue: Tolerance = DEFAULT_TOLERANCE) -> str:
+    s = summary(snap, queue)
     if s.get("sale", "") is None:
         return f"sale {snap.sku}: not found\n"
     lines = [
@@ -1001,6 +1062,8 @@ def render(snap: Snapshot, violations: Sequence[Violation]) -> str:
         lines.append(f"  {'payments sent':<22}{sum(s['payments'].values()):>10}   "
                      + ", ".join(f"{k}: {v}" for k, v in sorted(s["payments"].items())))
     lines += _db_lines(s)
+    if "waiting_room" in s:
+        lines += waitingroom.report_lines(s["waiting_room"])
     lines.append(f"  {'violations':<22}{len(violations):>10}")
     lines += ["", f"  {'shard':>5} {'remaining':>10} {'sold':>8} {'orders':>8} {'xfers':>6}"]
     for row in s["per_shard"]:
@@ -1049,7 +1112,22 @@ def build_parser() -> argparse.ArgumentParser:
                    help="first wait up to this long for every order to settle (delivered or rejected; "
                         "paid or expired and released)")
     p.add_argument("--json", action="store_true", help="print the summary and violations as JSON")
+    q = p.add_argument_group("waiting room (invariant 9)")
+    d = Tolerance()
+    q.add_argument("--queue-rate-tolerance", type=float, default=d.rate, metavar="FRACTION",
+                   help=f"admissions allowed above R·W + max(R, 1) in a W-second window, relative [{d.rate}]")
+    q.add_argument("--queue-order-slack", type=int, default=None, metavar="USERS",
+                   help="users one who joined after the start may overtake (the gateway's stated bound) "
+                        "[R/10 + max(R, 1): one admitter tick and one second's burst]")
+    q.add_argument("--queue-rho-max", type=float, default=d.rho_max,
+                   help=f"largest |Spearman rho| of join vs admission order for who joined before the "
+                        f"start [{d.rho_max}]")
     return p
+
+
+def tolerance(args: argparse.Namespace) -> Tolerance:
+    return Tolerance(rate=args.queue_rate_tolerance, order_slack=args.queue_order_slack,
+                     rho_max=args.queue_rho_max)
 
 
 def exit_status(snap: Snapshot, violations: Sequence[Violation]) -> int:
@@ -1073,13 +1151,14 @@ async def run(args: argparse.Namespace, settings: Settings) -> int:
         snap = await collect_stable(store, args.sku, **kwargs)
     finally:
         await store.close()
-    violations = check(snap, expect_sold_out=args.expect_sold_out)
+    tol = tolerance(args)
+    violations = check(snap, expect_sold_out=args.expect_sold_out, queue=tol)
     if args.json:
-        sys.stdout.write(orjson.dumps({"summary": summary(snap), "notes": snap.notes,
+        sys.stdout.write(orjson.dumps({"summary": summary(snap, tol), "notes": snap.notes,
                                        "violations": [asdict(v) for v in violations]},
                                       option=orjson.OPT_INDENT_2).decode() + "\n")
     else:
-        sys.stdout.write(render(snap, violations))
+        sys.stdout.write(render(snap, violations, tol))
     if snap.db_problem is not None:
         print(f"cannot verify the orders DB ({database_url}): {snap.db_problem}; "
               "--no-db checks Redis alone", file=sys.stderr)
