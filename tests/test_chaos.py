@@ -65,45 +65,13 @@ def chaos_target(request: pytest.FixtureRequest) -> Iterator[Target]:
         yield target
 
 
-def on(*, standalone: str = "", cluster: str = "", expected: bool = True) -> pytest.MarkDecorator:
-    """Run on both; a reason names the known defect that fails that case today (the
-    test is then expected to fail, and passes once the defect is fixed). ``expected``
-    False: a failure is a failure after all."""
-
-    def marks(reason: str) -> list[pytest.MarkDecorator]:
-        return [pytest.mark.xfail(expected, reason=reason, strict=False)] if reason else []
-
-    return pytest.mark.parametrize("chaos_target", [
-        pytest.param("standalone", marks=marks(standalone), id="standalone"),
-        pytest.param("cluster", marks=[pytest.mark.cluster, *marks(cluster)], id="cluster"),
-    ], indirect=True, scope="module")
-
-
-# The defects each scenario below was written for (issue "Correct under resends, slow
-# Redis and races"): they failed before their fixes, and pass now.
-RESENT_TRANSFER_OUT = (
-    "defect: transfer_out resent by the Cluster client (same transfer id) overwrites the first "
-    "run's transfer record; the units that run took are lost")
-HALF_CREATED_SALE = (
-    "defect: a create that timed out after writing the sale record (SET NX) leaves a half-created "
-    "sale; the next PUT answers 409 SALE_EXISTS and the missing shards answer 404")
-DELETE_RACING_PURCHASE = (
-    "defect: DELETE reads the order indexes, then deletes; a purchase admitted in between leaves "
-    "an order record no sale lists (an orphan order)")
-STALE_SOLD_OUT_FLAG = (
-    "defect: the sold-out flag is set from reads made before a compensation gave units back and "
-    "cleared it; it then answers SOLD_OUT while units are free, until the next compensation")
-
-# Found by the chaos run, not on the issue's list (the first one a variant of the last above).
-FLAG_OUTLIVES_SALE = (
-    "defect: a sold-out flag set after a DELETE outlives the sale; create does not clear it, so "
-    "the next sale of the SKU answers SOLD_OUT to buyers who need a move")
-KEY_ACROSS_SHARD_COUNTS = (
-    "defect: a key's idempotency record sits in the slot of shard user % shards, so on a sale "
-    "with another shard count the key is not seen and admits a second purchase (invariant 8)")
-LOST_REPLY_SAID_NOTHING = (
-    "defect: a connection lost after the purchase script ran (ConnectionError, not a timeout) "
-    "answers 503 without outcome_unknown, i.e. 'nothing was admitted', though it was")
+# Every scenario runs on both backends. Each of the defect scenarios below failed before
+# its fix (its docstring names the defect); none is expected to fail now, so none is
+# marked xfail: a regression fails the run.
+on_both = pytest.mark.parametrize("chaos_target", [
+    pytest.param("standalone", id="standalone"),
+    pytest.param("cluster", marks=pytest.mark.cluster, id="cluster"),
+], indirect=True, scope="module")
 
 
 def failed(report: ChaosReport) -> str:
@@ -137,7 +105,7 @@ CHAOS_STEPS = int(os.environ.get("CHAOS_STEPS", "90"))
 CHAOS_SEEDS = {"standalone": 14, "cluster": 19}
 
 
-@on()
+@on_both
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 async def test_chaos(chaos_target: Target) -> None:
@@ -170,7 +138,7 @@ def buyers(sale: int, per_shard: int, shards: Iterable[int] | None = None) -> tu
                  for shard in (range(count) if shards is None else shards) for i in range(per_shard))
 
 
-@on()
+@on_both
 async def test_a_move_whose_reply_is_late_loses_no_unit(chaos_target: Target) -> None:
     """The donor's ``transfer_out`` runs, its reply comes after the socket timeout and
     the Cluster client sends it again with the same transfer id: the second run
@@ -184,7 +152,7 @@ async def test_a_move_whose_reply_is_late_loses_no_unit(chaos_target: Target) ->
     assert report.ok, failed(report)
 
 
-@on()
+@on_both
 @pytest.mark.parametrize(("command", "role"), [("claim_sale", "sale"), ("create_shard", "op")])
 async def test_a_create_that_timed_out_is_completed_by_the_next(
         chaos_target: Target, command: str, role: str) -> None:
@@ -199,7 +167,7 @@ async def test_a_create_that_timed_out_is_completed_by_the_next(
     assert report.ok, failed(report)
 
 
-@on()
+@on_both
 async def test_a_delete_racing_purchases_leaves_no_order(chaos_target: Target) -> None:
     """The delete reads the sale's order indexes, then deletes them and the orders they
     list; purchases admitted in between (their reply is a 200) leave order records that
@@ -216,7 +184,7 @@ async def test_a_delete_racing_purchases_leaves_no_order(chaos_target: Target) -
     assert report.ok, failed(report)
 
 
-@on()
+@on_both
 async def test_a_sold_out_flag_never_outlives_units_that_came_back(chaos_target: Target) -> None:
     """Sale ``a`` is emptied without a move (no sold-out decision yet), shard 0 last. A
     buyer in shard 0 makes the refill read every shard twice (slowly: the replies are
@@ -237,7 +205,7 @@ async def test_a_sold_out_flag_never_outlives_units_that_came_back(chaos_target:
     assert report.ok, failed(report)
 
 
-@on()
+@on_both
 async def test_a_sold_out_flag_set_after_a_delete_does_not_sell_out_the_next_sale(
         chaos_target: Target) -> None:
     """The refill decides SOLD_OUT from reads made before a delete and sets the flag
@@ -256,7 +224,7 @@ async def test_a_sold_out_flag_set_after_a_delete_does_not_sell_out_the_next_sal
     assert report.ok, failed(report)
 
 
-@on()
+@on_both
 async def test_a_purchase_whose_connection_drops_is_not_said_to_have_failed(chaos_target: Target) -> None:
     """The purchase runs, its reply is held and the connection is reset: the gateway
     cannot know whether it was admitted, so its 503 must say ``outcome_unknown`` (a 503
@@ -270,7 +238,7 @@ async def test_a_purchase_whose_connection_drops_is_not_said_to_have_failed(chao
     assert report.ok, failed(report)
 
 
-@on()
+@on_both
 async def test_a_key_used_on_a_sale_with_another_shard_count_is_refused(chaos_target: Target) -> None:
     """Contract: a key admits at most one purchase across all sales, whatever their shard
     counts (422 on the second sale). Sales ``a`` (8 shards) and ``b`` (16): user 9 is in
