@@ -30,7 +30,7 @@ from gateway.admission.snapshot import read_sale
 from gateway.admission.soldout import SoldOut
 from gateway.admission.tokens import TokenIssuer
 from gateway.admission.waiting_room import WaitingRoom
-from gateway.aio import cancel_and_wait
+from gateway.aio import SingleFlight, cancel_and_wait
 from gateway.config import Settings
 from gateway.delivery.relay import Relay, RelayConfig
 from gateway.http.admin import sale_settings
@@ -80,7 +80,7 @@ class Gateway:
     relay_consumer: str | None = None
     _issuer: TokenIssuer | None = None
     _queue_signer: QueueSigner | None = None
-    _issuer_loading: asyncio.Task[TokenIssuer] | None = None  # one read of the secret at a time
+    _issuer_loading: SingleFlight[None, TokenIssuer] = field(default_factory=SingleFlight)
     _started: asyncio.Event = field(default_factory=asyncio.Event)  # the start-up work is done
     _gauged: set[str] = field(default_factory=set)  # SKUs with a units_remaining series
     _admin_work: set[asyncio.Task[Any]] = field(default_factory=set)  # creations, deletions
@@ -125,12 +125,7 @@ class Gateway:
         (a failed read fails them all, and the next caller reads again)."""
         if self._issuer is not None:
             return self._issuer
-        loading = self._issuer_loading
-        if loading is None or loading.done():
-            loading = self._issuer_loading = asyncio.get_running_loop().create_task(
-                self._load_issuer())
-            loading.add_done_callback(lambda done: done.cancelled() or done.exception())
-        return await asyncio.shield(loading)
+        return await self._issuer_loading.run(None, self._load_issuer)
 
     async def _load_issuer(self) -> TokenIssuer:
         secret = self.settings.token_secret or await self.store.token_secret(secrets.token_hex(32))

@@ -14,6 +14,7 @@ import asyncio
 import time
 from dataclasses import dataclass, field
 
+from gateway.aio import SingleFlight
 from gateway.models import Sale
 from gateway.store.store import Store
 
@@ -32,35 +33,24 @@ class _Entry:
 class SaleCache:
     store: Store
     _entries: dict[str, _Entry] = field(default_factory=dict)
-    _reading: dict[str, asyncio.Task[Sale | None]] = field(default_factory=dict)  # one per SKU
+    _reads: SingleFlight[str, Sale | None] = field(default_factory=SingleFlight)  # one per SKU
 
     async def get(self, sku: str) -> Sale | None:
         entry = self._entries.get(sku)
         if entry is not None and entry.expires >= time.monotonic():
             return entry.sale
-        reading = self._reading.get(sku)
-        if reading is None:
-            reading = asyncio.get_running_loop().create_task(self._read(sku))
-            self._reading[sku] = reading
-            reading.add_done_callback(lambda done: self._read_done(sku, done))
         # A waiter cancelled (its deadline) stops waiting; the read goes on for the others
         # and is remembered. A failed read fails every waiter and is not remembered.
-        return await asyncio.shield(reading)
+        return await self._reads.run(sku, lambda: self._read(sku))
 
     async def _read(self, sku: str) -> Sale | None:
         started = time.monotonic()
         sale = await self.store.get_sale(sku)
-        if self._reading.get(sku) is asyncio.current_task():  # else forgotten meanwhile
+        if self._reads.running(sku) is asyncio.current_task():  # else forgotten meanwhile
             if len(self._entries) > MAX_ENTRIES:
                 self._entries.clear()
             self._entries[sku] = _Entry(sale, started + (FOUND_TTL if sale else MISSING_TTL))
         return sale
-
-    def _read_done(self, sku: str, done: asyncio.Task[Sale | None]) -> None:
-        if self._reading.get(sku) is done:
-            del self._reading[sku]
-        if not done.cancelled():
-            done.exception()  # retrieved: the waiters (if any are left) have it
 
     def cached(self, sku: str) -> Sale | None:
         """The sale as this process remembers it (no Redis call; None: not remembered)."""
@@ -72,4 +62,4 @@ class SaleCache:
         ends, and the next ``get`` reads again (it would not see a change made before the
         forget, e.g. the sale deleted and created again)."""
         self._entries.pop(sku, None)
-        self._reading.pop(sku, None)
+        self._reads.forget(sku)

@@ -15,7 +15,6 @@ rank is final once its shard is sealed at the start; it is asked once and rememb
 
 from __future__ import annotations
 
-import asyncio
 import math
 import random
 import time
@@ -28,6 +27,7 @@ from gateway.admission.room_state import RoomState
 from gateway.admission.sales import SaleCache
 from gateway.admission.soldout import SoldOut
 from gateway.admission.window import ENDED_BODY
+from gateway.aio import SingleFlight
 from gateway.clock import now_ms
 from gateway.http.errors import ApiError
 from gateway.models import Sale
@@ -85,7 +85,7 @@ class WaitingRoom:
     rng: random.Random = field(default_factory=random.Random)
     active: dict[str, Sale] = field(default_factory=dict)  # sales with queue traffic here
     _states: dict[str, _Cached] = field(default_factory=dict)
-    _locks: dict[str, asyncio.Lock] = field(default_factory=dict)
+    _reads: SingleFlight[tuple[str, str], RoomState] = field(default_factory=SingleFlight)
     _ranks: dict[tuple[str, str, int], int] = field(default_factory=dict)
 
     # -- the API ----------------------------------------------------------------------
@@ -170,25 +170,23 @@ class WaitingRoom:
         if cached is not None and cached.state.generation == sale.generation \
                 and time.monotonic() - cached.read_at < self.refresh_every:
             return cached.state
-        lock = self._locks.setdefault(sale.sku, asyncio.Lock())
-        async with lock:
-            cached = self._states.get(sale.sku)
-            if cached is not None and cached.state.generation == sale.generation \
-                    and time.monotonic() - cached.read_at < self.refresh_every:
-                return cached.state
-            try:
-                fresh = RoomState.parse(await self.store.queue_state(sale.sku), sale.generation)
-            except Exception as exc:
-                # Its node failing over: answer from what this process last read (the
-                # cursors only lag; admission pauses meanwhile anyway).
-                if cached is None or cached.state.generation != sale.generation \
-                        or not is_redis_failure(exc):
-                    raise
-                return cached.state
-            if cached is not None:
-                fresh = fresh.at_least(cached.state)
-            self._states[sale.sku] = _Cached(fresh, time.monotonic())
-            return fresh
+        return await self._reads.run((sale.sku, sale.generation), lambda: self._read_state(sale))
+
+    async def _read_state(self, sale: Sale) -> RoomState:
+        cached = self._states.get(sale.sku)
+        try:
+            fresh = RoomState.parse(await self.store.queue_state(sale.sku), sale.generation)
+        except Exception as exc:
+            # Its node failing over: answer from what this process last read (the
+            # cursors only lag; admission pauses meanwhile anyway).
+            if cached is None or cached.state.generation != sale.generation \
+                    or not is_redis_failure(exc):
+                raise
+            return cached.state
+        if cached is not None:
+            fresh = fresh.at_least(cached.state)
+        self._states[sale.sku] = _Cached(fresh, time.monotonic())
+        return fresh
 
     async def _rank(self, sale: Sale, user_id: int, shard: int) -> int | None:
         """A pre-start ticket's final rank (asked once, then remembered); None before
