@@ -32,7 +32,6 @@ import random
 import threading
 import time
 import uuid
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -55,6 +54,7 @@ from gateway.store.store import SaleTaken, Store
 from tests.support.api import Api, Backend, new_sku, serve
 from tests.support.delivery import eventually, running_relay
 from tests.support.faults import Proxied
+from tests.support.steps import until
 
 # -- helpers ------------------------------------------------------------------------------------
 
@@ -97,14 +97,6 @@ def _command_on(name: str, key: str) -> Predicate:
 
 async def _wait_event(event: threading.Event, *tasks: asyncio.Task[Any]) -> None:
     while not event.is_set():
-        for task in tasks:
-            if task.done():
-                raise AssertionError(f"ended too early: {task.result()!r}")
-        await asyncio.sleep(0.005)
-
-
-async def _until(condition: Callable[[], bool], *tasks: asyncio.Task[Any]) -> None:
-    while not condition():
         for task in tasks:
             if task.done():
                 raise AssertionError(f"ended too early: {task.result()!r}")
@@ -297,7 +289,7 @@ async def test_a_buyer_joining_a_refill_late_cannot_confirm_its_stale_sold_out(
         assert order is not None
         await gw.returns.reject(order, "refused")  # unit 2 back in shard 1, counted
         joiner = asyncio.create_task(gw.purchases.buy(2, sku, f"key-{2:010d}", 1))
-        await _until(lambda: gw.rebalancer.refilling(sku, 0) >= 2, owner, joiner)
+        await until(lambda: gw.rebalancer.refilling(sku, 0) >= 2, owner, joiner)
         assert (await owner)[0] is Refill.SOLD_OUT  # (its snapshot predates the return)
         outcome = await joiner
         snap = await read_sale(gw.store, sale)

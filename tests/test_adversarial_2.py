@@ -45,7 +45,6 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -66,16 +65,9 @@ from gateway.store.scripts import transfer as transfer_script
 from gateway.store.store import Store
 from tests.support.api import Backend, new_sku, serve
 from tests.support.delivery import backlog, eventually, running_relay
+from tests.support.steps import until
 
 # -- helpers ------------------------------------------------------------------------------------
-
-
-async def _until(condition: Callable[[], bool]) -> None:
-    for _ in range(2000):
-        if condition():
-            return
-        await asyncio.sleep(0.005)
-    raise AssertionError("condition never held")
 
 
 async def _age(store: Store, keys: list[str], ms: int) -> None:
@@ -170,7 +162,7 @@ async def test_a_buyer_of_returned_units_is_not_told_410_by_a_watch_that_missed_
     try:
         await p.store.create_sale(Sale(sku, 1, shards=2))
         sale, order_no = await _sold_out_then_back_and_resold(p, q, sku)
-        await _until(lambda: p.sold_out.answers(sale, 7))  # P answers from memory now
+        await until(lambda: p.sold_out.answers(sale, 7), most=2000)  # P answers from memory now
         await _back_and_resold(q, sku, order_no)
         await p.sold_out.refresh(p.sales.cached)  # one watch of P, after all that
         resent = await p.purchases.buy(3, sku, "key-u3-00000001", 1)
@@ -206,7 +198,7 @@ async def test_learning_a_sold_out_sale_while_units_come_back_misses_no_buyer(
         p.store.touched_users = touched_then_return  # type: ignore[method-assign]
         out = await p.purchases.buy(1, sku, "key-u1-00000001", 1)
         assert out.status == 410, out.body
-        await _until(lambda: interleaved and not p.sold_out._learning)
+        await until(lambda: interleaved and not p.sold_out._learning, most=2000)
         resent = await p.purchases.buy(3, sku, "key-u3-00000001", 1)
         assert resent.status == 409 and resent.body["original"]["status"] == 200, \
             f"u3's key holds a 200, P said {resent.status} {resent.body}"
@@ -233,7 +225,7 @@ async def test_a_key_used_on_another_sale_meets_the_fast_path_but_never_buys_twi
         assert (await gw.purchases.buy(6, b, "key-u6-00000001", 1)).status == 410
         sale_b = await gw.store.get_sale(b)
         assert sale_b is not None
-        await _until(lambda: gw.sold_out.answers(sale_b, user))
+        await until(lambda: gw.sold_out.answers(sale_b, user), most=2000)
         assert (await gw.purchases.buy(user, b, key, 1)).status == 410  # from memory
         order = await gw.store.get_order(bought.body["order_no"])
         assert order is not None
@@ -357,7 +349,7 @@ async def test_an_order_released_while_delivery_is_paused_is_not_delivered_on_re
         async with _Endpoint(401) as endpoint:
             async with running_relay(settings, endpoint.url, probe_every=0.05) as relay:
                 await endpoint.on_post.wait()
-                await _until(lambda: relay.breaker.paused)
+                await until(lambda: relay.breaker.paused, most=2000)
                 order = await gw.store.get_order(order_no)
                 assert order is not None
                 assert (await gw.returns.release(order, "expired")).returned == 1
@@ -389,7 +381,7 @@ async def test_the_breaker_opening_and_closing_loses_no_admitted_purchase(
         async with _Endpoint(404) as endpoint:
             async with running_relay(settings, endpoint.url, pause_after=3, probe_every=0.05,
                                      concurrency=1) as relay:
-                await _until(lambda: relay.breaker.paused)
+                await until(lambda: relay.breaker.paused, most=2000)
                 endpoint.status = 201
 
                 async def drained() -> bool:

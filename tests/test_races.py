@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import Callable
-from typing import Any
 
 import pytest
 from redis.asyncio.cluster import RedisCluster
@@ -28,6 +26,7 @@ from gateway.store.scripts import transfer
 from gateway.store.store import Store
 from tests.support.api import Backend, serve
 from tests.support.faults import Proxied
+from tests.support.steps import until
 
 
 def _store(backend: Backend, **settings: object) -> Store:
@@ -212,24 +211,15 @@ async def test_waiters_of_a_refill_whose_owner_is_cancelled_get_an_answer(proxie
         for proxy in proxied.proxies:  # a slow move: the refill takes a while
             proxy.delay_reply_to(_evalsha_of(transfer.OUT.sha), 0.8)
         owner = asyncio.create_task(gw.purchases.buy(16, sku, f"key-{16:010d}", 1))
-        await _until(lambda: gw.rebalancer.refilling(sku, 0) >= 1, owner)
+        await until(lambda: gw.rebalancer.refilling(sku, 0) >= 1, owner)
         waiter = asyncio.create_task(gw.purchases.buy(32, sku, f"key-{32:010d}", 1))
-        await _until(lambda: gw.rebalancer.refilling(sku, 0) >= 2, owner, waiter)
+        await until(lambda: gw.rebalancer.refilling(sku, 0) >= 2, owner, waiter)
         owner.cancel()  # e.g. its client went away
         outcome = await waiter  # not a CancelledError: an answer
         assert outcome.status == 200, outcome.body
     finally:
         proxied.clear()
         await gw.close()
-
-
-async def _until(condition: Callable[[], bool], *tasks: asyncio.Task[Any]) -> None:
-    """Until ``condition`` holds; a task that ends first (it should not) fails the test."""
-    while not condition():
-        for task in tasks:
-            if task.done():
-                raise AssertionError(f"ended too early: {task.result()!r}")
-        await asyncio.sleep(0.005)
 
 
 # -- 6. the standalone client retries -------------------------------------------------------------
